@@ -1,0 +1,8 @@
+//! egress-proxy: a TLS-intercepting egress sidecar for AI agents.
+//!
+//! The agent's only way out. It allows the hosts, methods and paths of a routes file,
+//! injects credentials the agent never sees, and re-originates every request over verified
+//! TLS. `SPEC.md` is the contract; this crate is its implementation. See README.md for
+//! how the modules fit together.
+
+pub mod routes;

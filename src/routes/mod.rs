@@ -1,0 +1,844 @@
+//! The routes file and the policy it expresses: which hosts, ports, methods and paths an
+//! agent may reach, and which credential goes on each request.
+//!
+//! Everything here is pure: the file's text and a [`SecretSource`] go in, a [`RouteTable`]
+//! comes out, and the table answers questions ([`RouteTable::covers`],
+//! [`RouteTable::decide`]) without sockets or I/O, so every policy decision can be
+//! table-tested. The proxy asks; it never decides.
+
+mod host;
+mod path;
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use base64::Engine;
+use http::{HeaderName, HeaderValue, Method};
+use serde::Deserialize;
+
+pub use host::{Host, HostError, HostPattern, HostPatternError};
+pub use path::{PathError, PathPattern, PatternError, check_request_path};
+
+/// The routes file as an orchestrator renders it (YAML, or JSON, which is YAML too).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutesFile {
+    pub routes: Vec<RouteSpec>,
+}
+
+/// One entry of `routes:` exactly as written; [`RouteTable::build`] validates it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    pub host: String,
+    pub ports: Option<Vec<u16>>,
+    pub path_allowlist: Option<Vec<String>>,
+    pub methods: Option<Vec<String>>,
+    pub auth_scheme: Option<String>,
+    pub header: Option<String>,
+    pub token_env: Option<String>,
+    pub token_file: Option<String>,
+    pub allow_private: Option<bool>,
+}
+
+/// Where tokens come from. The proxy reads the environment and the filesystem; tests
+/// hand in a map.
+pub trait SecretSource {
+    /// The value of environment variable `name`, if set.
+    fn env(&self, name: &str) -> Option<String>;
+    /// The content of the file at `path`, or a one-line reason it could not be read.
+    fn file(&self, path: &str) -> Result<String, String>;
+}
+
+/// A loading or validation failure, naming where in the file it is.
+#[derive(Debug, thiserror::Error)]
+pub enum RoutesError {
+    #[error("{0}")]
+    Syntax(String),
+    #[error("routes[{index}].{field}: {reason}")]
+    Invalid {
+        index: usize,
+        field: &'static str,
+        reason: String,
+    },
+}
+
+fn invalid(index: usize, field: &'static str, reason: impl fmt::Display) -> RoutesError {
+    RoutesError::Invalid {
+        index,
+        field,
+        reason: reason.to_string(),
+    }
+}
+
+/// Parses a routes file's text. JSON is parsed as JSON (better error positions for what
+/// an orchestrator renders); anything else as YAML, refusing duplicate keys (also through
+/// merge keys) and with serde-saphyr's default parse budget.
+pub fn parse_routes_text(text: &str) -> Result<RoutesFile, RoutesError> {
+    if text.trim_start().starts_with('{') {
+        return serde_json::from_str(text).map_err(|e| RoutesError::Syntax(e.to_string()));
+    }
+    let yaml_options = |merge_keys| {
+        let mut options = serde_saphyr::Options::default();
+        options.strict_booleans = true;
+        options.with_snippet = false;
+        options.merge_keys = merge_keys;
+        options
+    };
+    let syntax = |e: serde_saphyr::Error| RoutesError::Syntax(first_line(&e.to_string()));
+    // YAML lets an explicit key silently override one brought in by `<<`; the contract
+    // calls that a key given twice. Read the keys as written first to catch it.
+    let as_written: yaml_keys::Node = serde_saphyr::from_str_with_options(
+        text,
+        yaml_options(serde_saphyr::MergeKeyPolicy::AsOrdinary),
+    )
+    .map_err(syntax)?;
+    yaml_keys::refuse_merge_duplicates(&as_written).map_err(RoutesError::Syntax)?;
+    serde_saphyr::from_str_with_options(text, yaml_options(serde_saphyr::MergeKeyPolicy::Merge))
+        .map_err(syntax)
+}
+
+/// Just enough of a YAML document's shape to see which keys a merge key brings in.
+mod yaml_keys {
+    use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+    use std::fmt;
+
+    pub enum Node {
+        Map(Vec<(String, Node)>),
+        Seq(Vec<Node>),
+        Scalar,
+    }
+
+    struct Key(String);
+
+    impl<'de> Deserialize<'de> for Key {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Key;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a scalar key")
+                }
+                fn visit_str<E>(self, v: &str) -> Result<Key, E> {
+                    Ok(Key(v.to_owned()))
+                }
+                fn visit_i64<E>(self, v: i64) -> Result<Key, E> {
+                    Ok(Key(v.to_string()))
+                }
+                fn visit_u64<E>(self, v: u64) -> Result<Key, E> {
+                    Ok(Key(v.to_string()))
+                }
+                fn visit_bool<E>(self, v: bool) -> Result<Key, E> {
+                    Ok(Key(v.to_string()))
+                }
+                fn visit_f64<E>(self, v: f64) -> Result<Key, E> {
+                    Ok(Key(v.to_string()))
+                }
+                fn visit_unit<E>(self) -> Result<Key, E> {
+                    Ok(Key("null".to_owned()))
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Node {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Node;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("any YAML node")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Node, A::Error> {
+                    let mut entries = Vec::new();
+                    while let Some(Key(k)) = map.next_key()? {
+                        entries.push((k, map.next_value()?));
+                    }
+                    Ok(Node::Map(entries))
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Node, A::Error> {
+                    let mut items = Vec::new();
+                    while let Some(n) = seq.next_element()? {
+                        items.push(n);
+                    }
+                    Ok(Node::Seq(items))
+                }
+                fn visit_bool<E>(self, _: bool) -> Result<Node, E> {
+                    Ok(Node::Scalar)
+                }
+                fn visit_i64<E>(self, _: i64) -> Result<Node, E> {
+                    Ok(Node::Scalar)
+                }
+                fn visit_u64<E>(self, _: u64) -> Result<Node, E> {
+                    Ok(Node::Scalar)
+                }
+                fn visit_f64<E>(self, _: f64) -> Result<Node, E> {
+                    Ok(Node::Scalar)
+                }
+                fn visit_str<E>(self, _: &str) -> Result<Node, E> {
+                    Ok(Node::Scalar)
+                }
+                fn visit_unit<E>(self) -> Result<Node, E> {
+                    Ok(Node::Scalar)
+                }
+                fn visit_none<E>(self) -> Result<Node, E> {
+                    Ok(Node::Scalar)
+                }
+                fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Node, D::Error> {
+                    Node::deserialize(d)
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    /// Refuses a mapping where a key brought in by `<<` is also written explicitly, or is
+    /// brought in twice.
+    pub fn refuse_merge_duplicates(node: &Node) -> Result<(), String> {
+        match node {
+            Node::Scalar => Ok(()),
+            Node::Seq(items) => items.iter().try_for_each(refuse_merge_duplicates),
+            Node::Map(entries) => {
+                let mut seen: Vec<&str> = entries
+                    .iter()
+                    .filter(|(k, _)| k != "<<")
+                    .map(|(k, _)| k.as_str())
+                    .collect();
+                for (k, v) in entries {
+                    if k != "<<" {
+                        continue;
+                    }
+                    let sources: Vec<&Node> = match v {
+                        Node::Seq(items) => items.iter().collect(),
+                        other => vec![other],
+                    };
+                    for source in sources {
+                        if let Node::Map(merged) = source {
+                            for (mk, _) in merged {
+                                if seen.contains(&mk.as_str()) {
+                                    return Err(format!(
+                                        "duplicate key `{mk}` (given again through a merge key)"
+                                    ));
+                                }
+                                seen.push(mk);
+                            }
+                        }
+                    }
+                }
+                entries
+                    .iter()
+                    .try_for_each(|(_, v)| refuse_merge_duplicates(v))
+            }
+        }
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The credential a route adds to each request. Its value never leaves this type except
+/// into the outgoing request: `Debug` is redacted and the header value is marked
+/// sensitive, so HPACK never indexes it.
+#[derive(Clone)]
+pub struct Injection {
+    pub header: HeaderName,
+    pub value: HeaderValue,
+}
+
+impl fmt::Debug for Injection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Injection({}: <redacted>)", self.header)
+    }
+}
+
+/// One validated route.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Position in the file, as logged.
+    pub index: usize,
+    pub host: HostPattern,
+    pub ports: Vec<u16>,
+    /// Empty: every path.
+    pub paths: Vec<PathPattern>,
+    /// `None`: every method.
+    pub methods: Option<Vec<Method>>,
+    pub injection: Option<Injection>,
+    pub allow_private: bool,
+}
+
+impl Route {
+    fn covers(&self, host: &Host, port: u16) -> bool {
+        self.ports.contains(&port) && self.host.matches(host)
+    }
+
+    fn path_allowed(&self, path: &str) -> bool {
+        self.paths.is_empty() || self.paths.iter().any(|p| p.matches(path))
+    }
+
+    fn method_allowed(&self, method: &Method) -> bool {
+        self.methods
+            .as_ref()
+            .is_none_or(|ms| ms.iter().any(|m| m == method))
+    }
+}
+
+/// Why the routes refuse a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denial {
+    HostNotAllowed,
+    PathNotAllowed,
+    MethodNotAllowed,
+}
+
+/// The validated routes, in file order.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+}
+
+impl RouteTable {
+    /// Parses and validates a routes file's text, reading every token it names.
+    pub fn from_text(text: &str, secrets: &dyn SecretSource) -> Result<RouteTable, RoutesError> {
+        RouteTable::build(parse_routes_text(text)?, secrets)
+    }
+
+    /// Validates a parsed file and reads its tokens.
+    pub fn build(file: RoutesFile, secrets: &dyn SecretSource) -> Result<RouteTable, RoutesError> {
+        let routes = file
+            .routes
+            .into_iter()
+            .enumerate()
+            .map(|(index, spec)| build_route(index, spec, secrets))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(RouteTable { routes })
+    }
+
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    /// Does any route cover this host and port? Decides a CONNECT.
+    pub fn covers(&self, host: &Host, port: u16) -> bool {
+        self.routes.iter().any(|r| r.covers(host, port))
+    }
+
+    /// The first route whose host, port, method and path all match. `path` must have
+    /// passed [`check_request_path`] and carry no query.
+    pub fn decide(
+        &self,
+        host: &Host,
+        port: u16,
+        method: &Method,
+        path: &str,
+    ) -> Result<&Route, Denial> {
+        let mut denial = Denial::HostNotAllowed;
+        for route in self.routes.iter().filter(|r| r.covers(host, port)) {
+            if !route.path_allowed(path) {
+                if denial == Denial::HostNotAllowed {
+                    denial = Denial::PathNotAllowed;
+                }
+                continue;
+            }
+            if !route.method_allowed(method) {
+                denial = Denial::MethodNotAllowed;
+                continue;
+            }
+            return Ok(route);
+        }
+        Err(denial)
+    }
+}
+
+fn build_route(
+    index: usize,
+    spec: RouteSpec,
+    secrets: &dyn SecretSource,
+) -> Result<Route, RoutesError> {
+    let host = HostPattern::parse(&spec.host).map_err(|e| invalid(index, "host", e))?;
+    let ports = match spec.ports {
+        None => vec![443],
+        Some(p) if p.is_empty() => return Err(invalid(index, "ports", "empty list")),
+        Some(p) => {
+            if p.contains(&0) {
+                return Err(invalid(index, "ports", "port 0"));
+            }
+            p
+        }
+    };
+    let paths = spec
+        .path_allowlist
+        .unwrap_or_default()
+        .iter()
+        .map(|p| {
+            PathPattern::parse(p)
+                .map_err(|e| invalid(index, "path_allowlist", format!("{p:?}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let methods = match spec.methods {
+        None => None,
+        Some(ms) if ms.is_empty() => return Err(invalid(index, "methods", "empty list")),
+        Some(ms) => Some(
+            ms.iter()
+                .map(|m| {
+                    Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|_| {
+                        invalid(index, "methods", format!("{m:?} is not an HTTP method"))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    let injection = build_injection(
+        index,
+        &spec.auth_scheme,
+        &spec.header,
+        &spec.token_env,
+        &spec.token_file,
+        secrets,
+    )?;
+    Ok(Route {
+        index,
+        host,
+        ports: ports
+            .into_iter()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect(),
+        paths,
+        methods,
+        injection,
+        allow_private: spec.allow_private.unwrap_or(false),
+    })
+}
+
+fn build_injection(
+    index: usize,
+    auth_scheme: &Option<String>,
+    header: &Option<String>,
+    token_env: &Option<String>,
+    token_file: &Option<String>,
+    secrets: &dyn SecretSource,
+) -> Result<Option<Injection>, RoutesError> {
+    let token = match (token_env, token_file) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                index,
+                "token_env",
+                "give token_env or token_file, not both",
+            ));
+        }
+        (Some(var), None) => {
+            if var.is_empty() {
+                return Err(invalid(index, "token_env", "empty variable name"));
+            }
+            match secrets.env(var) {
+                None => {
+                    return Err(invalid(
+                        index,
+                        "token_env",
+                        format!("environment variable {var} is not set"),
+                    ));
+                }
+                Some(v) if v.is_empty() => {
+                    return Err(invalid(
+                        index,
+                        "token_env",
+                        format!("environment variable {var} is empty"),
+                    ));
+                }
+                Some(v) => Some((v, format!("environment variable {var}"))),
+            }
+        }
+        (None, Some(path)) => {
+            let raw = secrets
+                .file(path)
+                .map_err(|e| invalid(index, "token_file", e))?;
+            let v = raw
+                .strip_suffix('\n')
+                .map(|v| v.strip_suffix('\r').unwrap_or(v))
+                .unwrap_or(&raw)
+                .to_owned();
+            if v.is_empty() {
+                return Err(invalid(index, "token_file", format!("{path} is empty")));
+            }
+            Some((v, format!("token file {path}")))
+        }
+        (None, None) => None,
+    };
+    let Some((token, origin)) = token else {
+        if auth_scheme.is_some() {
+            return Err(invalid(
+                index,
+                "auth_scheme",
+                "auth_scheme needs token_env or token_file",
+            ));
+        }
+        if header.is_some() {
+            return Err(invalid(
+                index,
+                "header",
+                "header needs token_env or token_file",
+            ));
+        }
+        return Ok(None);
+    };
+    let field = if token_env.is_some() {
+        "token_env"
+    } else {
+        "token_file"
+    };
+    if auth_scheme.is_none() && header.is_none() {
+        return Err(invalid(index, field, "a token needs auth_scheme or header"));
+    }
+    let scheme = match auth_scheme.as_deref() {
+        Some(s) if s.is_empty() || !s.bytes().all(is_token_char) => {
+            return Err(invalid(
+                index,
+                "auth_scheme",
+                format!("{s:?} is not a valid scheme name"),
+            ));
+        }
+        other => other,
+    };
+    let header_name = match header {
+        None => http::header::AUTHORIZATION,
+        Some(h) => {
+            let name = HeaderName::from_bytes(h.as_bytes())
+                .map_err(|_| invalid(index, "header", format!("{h:?} is not a header name")))?;
+            if is_reserved_header(&name) {
+                return Err(invalid(
+                    index,
+                    "header",
+                    format!("{h:?} cannot carry a token"),
+                ));
+            }
+            name
+        }
+    };
+    let credential = match scheme {
+        Some(s) if s.eq_ignore_ascii_case("basic") => format!(
+            "{s} {}",
+            base64::engine::general_purpose::STANDARD.encode(token.as_bytes())
+        ),
+        Some(s) => format!("{s} {token}"),
+        None => token,
+    };
+    let mut value = HeaderValue::from_str(&credential).map_err(|_| {
+        invalid(
+            index,
+            field,
+            format!("{origin} holds a character that cannot go in a header"),
+        )
+    })?;
+    value.set_sensitive(true);
+    Ok(Some(Injection {
+        header: header_name,
+        value,
+    }))
+}
+
+/// RFC 9110 `tchar`.
+fn is_token_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Headers that frame or route the message: a token there would break the request or
+/// be dropped as hop-by-hop.
+fn is_reserved_header(name: &HeaderName) -> bool {
+    use http::header::*;
+    [
+        HOST,
+        CONNECTION,
+        CONTENT_LENGTH,
+        TRANSFER_ENCODING,
+        TE,
+        UPGRADE,
+        PROXY_AUTHORIZATION,
+        PROXY_AUTHENTICATE,
+        TRAILER,
+    ]
+    .contains(name)
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    pub struct MapSecrets(pub HashMap<String, String>);
+
+    impl SecretSource for MapSecrets {
+        fn env(&self, name: &str) -> Option<String> {
+            self.0.get(name).cloned()
+        }
+        fn file(&self, path: &str) -> Result<String, String> {
+            self.0
+                .get(path)
+                .cloned()
+                .ok_or_else(|| format!("cannot read {path}: not found"))
+        }
+    }
+
+    pub fn secrets() -> MapSecrets {
+        MapSecrets(HashMap::from([
+            ("EGRESS_PROXY_TOKEN_0".into(), "tok0".into()),
+            ("EGRESS_PROXY_TOKEN_1".into(), "user:pass".into()),
+            ("EGRESS_PROXY_TOKEN_2".into(), "sk-ant-xyz".into()),
+            ("EMPTY".into(), "".into()),
+            ("/run/secrets/t".into(), "filetoken\n".into()),
+        ]))
+    }
+
+    const EXAMPLE: &str = r#"
+routes:
+  - host: api.github.com
+    path_allowlist: ["/repos/acme/widgets", "/user"]
+    auth_scheme: Bearer
+    token_env: EGRESS_PROXY_TOKEN_0
+  - host: github.com
+    path_allowlist: ["/acme/widgets.git"]
+    auth_scheme: Basic
+    token_env: EGRESS_PROXY_TOKEN_1
+  - host: api.anthropic.com
+    path_allowlist: ["/v1/messages"]
+    header: x-api-key
+    token_env: EGRESS_PROXY_TOKEN_2
+  - host: "*.pythonhosted.org"
+  - host: pypi.org
+    methods: [GET, HEAD]
+"#;
+
+    fn table(text: &str) -> RouteTable {
+        RouteTable::from_text(text, &secrets()).unwrap()
+    }
+
+    fn err(text: &str) -> String {
+        RouteTable::from_text(text, &secrets())
+            .unwrap_err()
+            .to_string()
+    }
+
+    fn h(s: &str) -> Host {
+        Host::parse(s).unwrap()
+    }
+
+    #[test]
+    fn example_file_decisions() {
+        let t = table(EXAMPLE);
+        let get = Method::GET;
+        let r = t
+            .decide(
+                &h("api.github.com"),
+                443,
+                &get,
+                "/repos/acme/widgets/issues",
+            )
+            .unwrap();
+        assert_eq!(r.index, 0);
+        let inj = r.injection.as_ref().unwrap();
+        assert_eq!(inj.header, http::header::AUTHORIZATION);
+        assert_eq!(inj.value, "Bearer tok0");
+        assert!(inj.value.is_sensitive());
+        assert_eq!(
+            t.decide(&h("api.github.com"), 443, &get, "/admin")
+                .unwrap_err(),
+            Denial::PathNotAllowed
+        );
+        let git = t
+            .decide(&h("github.com"), 443, &get, "/acme/widgets.git/info/refs")
+            .unwrap();
+        assert_eq!(git.injection.as_ref().unwrap().value, "Basic dXNlcjpwYXNz");
+        let ant = t
+            .decide(&h("api.anthropic.com"), 443, &Method::POST, "/v1/messages")
+            .unwrap();
+        let inj = ant.injection.as_ref().unwrap();
+        assert_eq!(inj.header.as_str(), "x-api-key");
+        assert_eq!(inj.value, "sk-ant-xyz");
+        assert!(
+            t.decide(&h("files.pythonhosted.org"), 443, &Method::DELETE, "/x")
+                .is_ok()
+        );
+        assert_eq!(
+            t.decide(&h("pythonhosted.org"), 443, &get, "/")
+                .unwrap_err(),
+            Denial::HostNotAllowed
+        );
+        assert_eq!(
+            t.decide(&h("pypi.org"), 443, &Method::POST, "/simple/")
+                .unwrap_err(),
+            Denial::MethodNotAllowed
+        );
+        assert!(
+            t.decide(&h("pypi.org"), 443, &Method::HEAD, "/simple/")
+                .is_ok()
+        );
+        assert_eq!(
+            t.decide(&h("pypi.org"), 80, &get, "/").unwrap_err(),
+            Denial::HostNotAllowed
+        );
+        assert!(t.covers(&h("API.GITHUB.COM."), 443));
+        assert!(!t.covers(&h("api.github.com"), 8443));
+        assert!(!t.covers(&h("evil.com"), 443));
+    }
+
+    #[test]
+    fn orchestrator_json_loads_unchanged() {
+        let t = table(
+            r#"{"routes": [{"host": "api.github.com", "path_allowlist": ["/user"], "auth_scheme": "Bearer", "token_env": "EGRESS_PROXY_TOKEN_0"}, {"host": "example.org"}]}"#,
+        );
+        assert_eq!(t.routes().len(), 2);
+        assert!(t.routes()[1].injection.is_none());
+    }
+
+    #[test]
+    fn first_match_in_file_order_with_several_routes_per_host() {
+        let t = table(
+            r#"
+routes:
+  - host: api.example.com
+    path_allowlist: ["/a"]
+    methods: [GET]
+    auth_scheme: token
+    token_env: EGRESS_PROXY_TOKEN_0
+  - host: api.example.com
+    path_allowlist: ["/a", "/b"]
+    header: x-key
+    token_env: EGRESS_PROXY_TOKEN_2
+"#,
+        );
+        let host = h("api.example.com");
+        assert_eq!(t.decide(&host, 443, &Method::GET, "/a").unwrap().index, 0);
+        assert_eq!(t.decide(&host, 443, &Method::POST, "/a").unwrap().index, 1);
+        assert_eq!(t.decide(&host, 443, &Method::GET, "/b").unwrap().index, 1);
+        assert_eq!(
+            t.routes()[0].injection.as_ref().unwrap().value,
+            "token tok0"
+        );
+    }
+
+    #[test]
+    fn method_denial_wins_over_path_denial() {
+        let t = table(
+            "routes:\n  - host: a.example\n    path_allowlist: [/x]\n  - host: a.example\n    path_allowlist: [/y]\n    methods: [GET]\n",
+        );
+        let host = h("a.example");
+        assert_eq!(
+            t.decide(&host, 443, &Method::PUT, "/y").unwrap_err(),
+            Denial::MethodNotAllowed
+        );
+        assert_eq!(
+            t.decide(&host, 443, &Method::PUT, "/z").unwrap_err(),
+            Denial::PathNotAllowed
+        );
+    }
+
+    #[test]
+    fn token_file_drops_one_newline() {
+        let t = table(
+            "routes:\n  - host: a.example\n    auth_scheme: Bearer\n    token_file: /run/secrets/t\n",
+        );
+        assert_eq!(
+            t.routes()[0].injection.as_ref().unwrap().value,
+            "Bearer filetoken"
+        );
+    }
+
+    #[test]
+    fn invalid_files_name_the_route_and_field() {
+        for (text, expect) in [
+            (
+                "routes:\n  - host: a.example\n    hots: x\n",
+                "unknown field",
+            ),
+            (
+                "routes:\n  - host: a.example\n    host: b.example\n",
+                "duplicate",
+            ),
+            ("routes:\n  - host: \"\"\n", "routes[0].host"),
+            ("routes:\n  - host: \"*\"\n", "routes[0].host"),
+            ("routes:\n  - host: \"*.com\"\n", "public suffix"),
+            ("routes:\n  - host: \"*.co.uk\"\n", "public suffix"),
+            (
+                "routes:\n  - host: a.example\n  - host: b.example\n    path_allowlist: [x]\n",
+                "routes[1].path_allowlist",
+            ),
+            (
+                "routes:\n  - host: a.example\n    auth_scheme: Bearer\n",
+                "routes[0].auth_scheme",
+            ),
+            (
+                "routes:\n  - host: a.example\n    header: x-key\n",
+                "routes[0].header",
+            ),
+            (
+                "routes:\n  - host: a.example\n    token_env: EGRESS_PROXY_TOKEN_0\n",
+                "routes[0].token_env",
+            ),
+            (
+                "routes:\n  - host: a.example\n    auth_scheme: Bearer\n    token_env: NOPE\n",
+                "NOPE is not set",
+            ),
+            (
+                "routes:\n  - host: a.example\n    auth_scheme: Bearer\n    token_env: EMPTY\n",
+                "EMPTY is empty",
+            ),
+            (
+                "routes:\n  - host: a.example\n    auth_scheme: Bearer\n    token_env: EGRESS_PROXY_TOKEN_0\n    token_file: /run/secrets/t\n",
+                "not both",
+            ),
+            (
+                "routes:\n  - host: a.example\n    auth_scheme: Bearer\n    token_file: /nope\n",
+                "routes[0].token_file",
+            ),
+            (
+                "routes:\n  - host: a.example\n    ports: []\n",
+                "routes[0].ports",
+            ),
+            ("routes:\n  - host: a.example\n    ports: [70000]\n", ""),
+            (
+                "routes:\n  - host: a.example\n    methods: [\"GE T\"]\n",
+                "routes[0].methods",
+            ),
+            (
+                "routes:\n  - host: a.example\n    header: host\n    token_env: EGRESS_PROXY_TOKEN_0\n",
+                "routes[0].header",
+            ),
+            ("routes:\n  - host: a.example\n    allow_private: yes\n", ""),
+            ("routes: [\n", ""),
+            (
+                "{\"routes\": [{\"host\": \"a.example\", \"host\": \"b.example\"}]}",
+                "duplicate",
+            ),
+            (
+                "{\"routes\": [{\"host\": \"a.example\", \"extra\": 1}]}",
+                "unknown field",
+            ),
+        ] {
+            let e = err(text);
+            assert!(e.contains(expect), "{text:?} gave {e:?}, wanted {expect:?}");
+        }
+    }
+
+    #[test]
+    fn merge_key_duplicate_is_refused() {
+        let text =
+            "routes:\n  - &r {host: a.example, ports: [443]}\n  - <<: *r\n    ports: [8443]\n";
+        assert!(RouteTable::from_text(text, &secrets()).is_err());
+    }
+
+    #[test]
+    fn token_never_in_debug_output() {
+        let t = table(EXAMPLE);
+        let dump = format!("{t:?}");
+        for secret in ["tok0", "dXNlcjpwYXNz", "user:pass", "sk-ant-xyz"] {
+            assert!(!dump.contains(secret), "{secret} leaked into {dump}");
+        }
+    }
+}
