@@ -5,4 +5,5 @@
 //! TLS. `SPEC.md` is the contract; this crate is its implementation. See README.md for
 //! how the modules fit together.
 
+pub mod ca;
 pub mod routes;
