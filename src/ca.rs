@@ -22,8 +22,8 @@ use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
@@ -104,11 +104,17 @@ impl BottleCa {
             }
             (true, false) => Err(file_err(
                 &cert_path,
-                format!("missing while {} exists; restore it or remove both", key_path.display()),
+                format!(
+                    "missing while {} exists; restore it or remove both",
+                    key_path.display()
+                ),
             )),
             (false, true) => Err(file_err(
                 &key_path,
-                format!("missing while {} exists; restore it or remove both", cert_path.display()),
+                format!(
+                    "missing while {} exists; restore it or remove both",
+                    cert_path.display()
+                ),
             )),
         }
     }
@@ -166,7 +172,9 @@ impl BottleCa {
         if mode & 0o077 != 0 {
             return Err(file_err(
                 key_path,
-                format!("private key is accessible to other users (mode {mode:04o}); run chmod 600 on it"),
+                format!(
+                    "private key is accessible to other users (mode {mode:04o}); run chmod 600 on it"
+                ),
             ));
         }
         let key_pem = fs::read_to_string(key_path).map_err(|e| file_err(key_path, e))?;
@@ -181,7 +189,9 @@ impl BottleCa {
         let provider = crypto_provider();
         let signing_key = provider
             .key_provider
-            .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
+            .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+                key.serialize_der(),
+            )))
             .map_err(|e| file_err(key_path, e))?;
         CertifiedKey::new(vec![cert_der.clone()], signing_key)
             .keys_match()
@@ -475,7 +485,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (ca, origin) = BottleCa::load_or_mint(dir.path()).unwrap();
         assert_eq!(origin, CaOrigin::Minted);
-        let mode = fs::metadata(dir.path().join(CA_KEY_FILE)).unwrap().permissions().mode();
+        let mode = fs::metadata(dir.path().join(CA_KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         let (again, origin) = BottleCa::load_or_mint(dir.path()).unwrap();
         assert_eq!(origin, CaOrigin::Loaded);

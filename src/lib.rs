@@ -6,4 +6,8 @@
 //! how the modules fit together.
 
 pub mod ca;
+pub mod destination;
+pub mod error;
+pub mod policy;
 pub mod routes;
+pub mod upstream;

@@ -1,0 +1,542 @@
+//! The per-request decision of SPEC §4.2 and §4.4, as one pure function.
+//!
+//! The proxy hands over what it knows (the authority the tunnel or absolute URI named,
+//! the request's method, target and headers) and gets back either the route to forward
+//! under or the [`ProxyError`] to answer with. Order matters and follows the contract:
+//! authority, then path, then method and upgrade rules, then the routes.
+
+use http::header::{CONNECTION, HOST, UPGRADE};
+use http::{HeaderMap, Method, Uri, Version};
+
+use crate::error::{ErrorKind, ProxyError};
+use crate::routes::{Denial, Host, Route, RouteTable, check_request_path};
+
+/// The authority every request on a connection must name: the CONNECT target inside a
+/// tunnel, or the absolute URI's authority for plain HTTP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authority {
+    pub host: Host,
+    pub port: u16,
+}
+
+/// Is this request inside an intercepted TLS tunnel, or plain HTTP through the proxy?
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    Tunnel,
+    Plain,
+}
+
+/// What the routes allowed.
+#[derive(Debug)]
+pub struct Allowed<'r, 'q> {
+    pub route: &'r Route,
+    /// The request path without its query: what was matched, and what is logged.
+    pub path: &'q str,
+    /// A WebSocket upgrade to relay.
+    pub websocket: bool,
+}
+
+/// The request as the policy sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestView<'q> {
+    pub method: &'q Method,
+    pub uri: &'q Uri,
+    pub version: Version,
+    pub headers: &'q HeaderMap,
+}
+
+fn err(kind: ErrorKind, reason: impl Into<String>) -> ProxyError {
+    ProxyError::new(kind, reason)
+}
+
+/// Parses `host[:port]` from a `Host` header or URI authority.
+pub fn parse_authority(s: &str) -> Option<(Host, Option<u16>)> {
+    if s.contains('@') {
+        return None;
+    }
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let end = rest.find(']')?;
+        let after = &rest[end + 1..];
+        let port = match after {
+            "" => None,
+            p => Some(p.strip_prefix(':')?),
+        };
+        (&s[..end + 2], port)
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        }
+    };
+    let port = match port {
+        None => None,
+        Some(p) if !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) => {
+            Some(p.parse::<u16>().ok().filter(|p| *p != 0)?)
+        }
+        Some(_) => return None,
+    };
+    Some((Host::parse(host).ok()?, port))
+}
+
+/// Checks that an authority (URI or `Host`) names `expected`: same host, and the same
+/// port when one is given.
+fn check_named_authority(what: &str, value: &str, expected: &Authority) -> Result<(), ProxyError> {
+    let (host, port) = parse_authority(value)
+        .ok_or_else(|| err(ErrorKind::BadRequest, format!("malformed {what}")))?;
+    if host != expected.host || port.is_some_and(|p| p != expected.port) {
+        return Err(err(
+            ErrorKind::Misdirected,
+            format!(
+                "{what} {host} does not match the tunnel to {}",
+                expected.host
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Decides a request. See the module docs for the order of checks.
+pub fn decide<'r, 'q>(
+    routes: &'r RouteTable,
+    authority: &Authority,
+    channel: Channel,
+    req: RequestView<'q>,
+) -> Result<Allowed<'r, 'q>, ProxyError> {
+    let method = req.method;
+    if method == Method::CONNECT {
+        return Err(err(
+            ErrorKind::BadRequest,
+            "CONNECT inside a tunnel is not supported",
+        ));
+    }
+    // Authority: the URI's (absolute-form, or HTTP/2 :authority) and every Host header
+    // must name the tunnel's host.
+    let mut hosts = req.headers.get_all(HOST).iter();
+    let host_header = hosts.next();
+    if hosts.next().is_some() {
+        return Err(err(ErrorKind::BadRequest, "more than one Host header"));
+    }
+    if let Some(uri_authority) = req.uri.authority() {
+        if channel == Channel::Tunnel && req.uri.scheme_str().is_some_and(|s| s != "https") {
+            return Err(err(
+                ErrorKind::BadRequest,
+                "request target scheme is not https",
+            ));
+        }
+        let label = if req.version == Version::HTTP_2 {
+            ":authority"
+        } else {
+            "request target"
+        };
+        check_named_authority(label, uri_authority.as_str(), authority)?;
+    }
+    match host_header {
+        Some(h) => {
+            let h = h
+                .to_str()
+                .map_err(|_| err(ErrorKind::BadRequest, "malformed Host"))?;
+            check_named_authority("Host", h, authority)?;
+        }
+        None if req.version == Version::HTTP_11 && req.uri.authority().is_none() => {
+            return Err(err(ErrorKind::BadRequest, "HTTP/1.1 request without Host"));
+        }
+        None => {}
+    }
+    // Path: unambiguous, or refused.
+    let path = req.uri.path();
+    check_request_path(path)
+        .map_err(|e| err(ErrorKind::BadRequest, format!("ambiguous path: {e}")))?;
+    if method.as_str().eq_ignore_ascii_case("TRACE")
+        || method.as_str().eq_ignore_ascii_case("TRACK")
+    {
+        return Err(err(
+            ErrorKind::MethodNotAllowed,
+            format!("{method} is never forwarded"),
+        ));
+    }
+    let websocket = upgrade_requested(req)?;
+    match routes.decide(&authority.host, authority.port, method, path) {
+        Ok(route) => {
+            if channel == Channel::Plain && route.injection.is_some() {
+                return Err(err(
+                    ErrorKind::CleartextCredentials,
+                    format!(
+                        "{method} {path} on {} would carry a credential over cleartext HTTP; use HTTPS",
+                        authority.host
+                    ),
+                ));
+            }
+            Ok(Allowed {
+                route,
+                path,
+                websocket,
+            })
+        }
+        Err(denial) => {
+            let (kind, what) = match denial {
+                Denial::HostNotAllowed => (ErrorKind::HostNotAllowed, "is not in the routes"),
+                Denial::PathNotAllowed => (ErrorKind::PathNotAllowed, "is not in the routes"),
+                Denial::MethodNotAllowed => (
+                    ErrorKind::MethodNotAllowed,
+                    "is not an allowed method for this path",
+                ),
+            };
+            let reason = match denial {
+                Denial::HostNotAllowed => format!("{}:{} {what}", authority.host, authority.port),
+                _ => format!("{method} {path} on {} {what}", authority.host),
+            };
+            Err(err(kind, reason))
+        }
+    }
+}
+
+/// True for a WebSocket upgrade (HTTP/1.1 GET, `Upgrade: websocket`, `Connection:
+/// upgrade`); any other upgrade (`h2c`, or one with a body) is refused.
+fn upgrade_requested(req: RequestView<'_>) -> Result<bool, ProxyError> {
+    let upgrade = req.headers.get_all(UPGRADE).iter().collect::<Vec<_>>();
+    let connection_upgrade = req
+        .headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if upgrade.is_empty() {
+        return Ok(false);
+    }
+    let websocket = upgrade.len() == 1
+        && upgrade[0]
+            .to_str()
+            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("websocket"));
+    if !websocket {
+        return Err(err(
+            ErrorKind::BadRequest,
+            "only WebSocket upgrades are relayed (h2c is refused)",
+        ));
+    }
+    if req.version != Version::HTTP_11 || req.method != Method::GET || !connection_upgrade {
+        return Err(err(ErrorKind::BadRequest, "malformed WebSocket upgrade"));
+    }
+    let has_body = req.headers.contains_key(http::header::TRANSFER_ENCODING)
+        || req
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    if has_body {
+        return Err(err(
+            ErrorKind::BadRequest,
+            "a WebSocket upgrade cannot carry a body",
+        ));
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routes::SecretSource;
+
+    struct Env;
+    impl SecretSource for Env {
+        fn env(&self, _: &str) -> Option<String> {
+            Some("tok".into())
+        }
+        fn file(&self, _: &str) -> Result<String, String> {
+            Err("no".into())
+        }
+    }
+
+    fn routes() -> RouteTable {
+        RouteTable::from_text(
+            r#"
+routes:
+  - host: api.example.com
+    path_allowlist: ["/v1", "/ws"]
+    auth_scheme: Bearer
+    token_env: T
+  - host: plain.example.com
+    ports: [80, 8080]
+    methods: [GET]
+  - host: secret.example.com
+    ports: [80]
+    auth_scheme: Bearer
+    token_env: T
+"#,
+            &Env,
+        )
+        .unwrap()
+    }
+
+    fn tunnel() -> Authority {
+        Authority {
+            host: Host::parse("api.example.com").unwrap(),
+            port: 443,
+        }
+    }
+
+    fn run(
+        authority: &Authority,
+        channel: Channel,
+        method: &str,
+        uri: &str,
+        version: Version,
+        headers: &[(&str, &str)],
+    ) -> Result<(usize, bool), ErrorKind> {
+        let t = routes();
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        let uri: Uri = uri.parse().unwrap();
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        decide(
+            &t,
+            authority,
+            channel,
+            RequestView {
+                method: &method,
+                uri: &uri,
+                version,
+                headers: &map,
+            },
+        )
+        .map(|a| (a.route.index, a.websocket))
+        .map_err(|e| e.kind)
+    }
+
+    fn tun(method: &str, uri: &str, headers: &[(&str, &str)]) -> Result<(usize, bool), ErrorKind> {
+        run(
+            &tunnel(),
+            Channel::Tunnel,
+            method,
+            uri,
+            Version::HTTP_11,
+            headers,
+        )
+    }
+
+    #[test]
+    fn tunnel_table() {
+        use ErrorKind::*;
+        let h = ("host", "api.example.com");
+        let cases: &[(
+            &str,
+            &str,
+            &[(&str, &str)],
+            Result<(usize, bool), ErrorKind>,
+        )] = &[
+            ("GET", "/v1/models", &[h], Ok((0, false))),
+            ("GET", "/v1/models?x=1", &[h], Ok((0, false))),
+            (
+                "GET",
+                "/v1",
+                &[("host", "API.example.com.:443")],
+                Ok((0, false)),
+            ),
+            (
+                "GET",
+                "/v1",
+                &[("host", "api.example.com:8443")],
+                Err(Misdirected),
+            ),
+            ("GET", "/v1", &[("host", "evil.com")], Err(Misdirected)),
+            ("GET", "/v1", &[h, h], Err(BadRequest)),
+            ("GET", "/v1", &[], Err(BadRequest)),
+            (
+                "GET",
+                "/v1",
+                &[("host", "a@api.example.com")],
+                Err(BadRequest),
+            ),
+            (
+                "GET",
+                "/v1",
+                &[("host", "api.example.com:")],
+                Err(BadRequest),
+            ),
+            ("GET", "https://api.example.com/v1", &[h], Ok((0, false))),
+            ("GET", "https://evil.com/v1", &[h], Err(Misdirected)),
+            ("GET", "http://api.example.com/v1", &[h], Err(BadRequest)),
+            ("GET", "/admin", &[h], Err(PathNotAllowed)),
+            ("GET", "/v1/../admin", &[h], Err(BadRequest)),
+            ("GET", "/v1/%2e%2e/admin", &[h], Err(BadRequest)),
+            ("GET", "/v1//x", &[h], Err(BadRequest)),
+            ("TRACE", "/v1", &[h], Err(MethodNotAllowed)),
+            ("TRACK", "/v1", &[h], Err(MethodNotAllowed)),
+            (
+                "GET",
+                "/ws",
+                &[h, ("upgrade", "websocket"), ("connection", "Upgrade")],
+                Ok((0, true)),
+            ),
+            (
+                "GET",
+                "/ws",
+                &[
+                    h,
+                    ("upgrade", "h2c"),
+                    ("connection", "Upgrade, HTTP2-Settings"),
+                ],
+                Err(BadRequest),
+            ),
+            (
+                "POST",
+                "/ws",
+                &[h, ("upgrade", "websocket"), ("connection", "upgrade")],
+                Err(BadRequest),
+            ),
+            (
+                "GET",
+                "/ws",
+                &[
+                    h,
+                    ("upgrade", "websocket"),
+                    ("connection", "upgrade"),
+                    ("content-length", "5"),
+                ],
+                Err(BadRequest),
+            ),
+            (
+                "GET",
+                "/ws",
+                &[h, ("upgrade", "websocket")],
+                Err(BadRequest),
+            ),
+        ];
+        for (m, u, hs, want) in cases {
+            assert_eq!(tun(m, u, hs), *want, "{m} {u} {hs:?}");
+        }
+    }
+
+    #[test]
+    fn http2_authority() {
+        let r = run(
+            &tunnel(),
+            Channel::Tunnel,
+            "GET",
+            "https://api.example.com/v1",
+            Version::HTTP_2,
+            &[],
+        );
+        assert_eq!(r, Ok((0, false)));
+        let r = run(
+            &tunnel(),
+            Channel::Tunnel,
+            "GET",
+            "https://other.example.com/v1",
+            Version::HTTP_2,
+            &[],
+        );
+        assert_eq!(r, Err(ErrorKind::Misdirected));
+        let r = run(
+            &tunnel(),
+            Channel::Tunnel,
+            "GET",
+            "https://api.example.com/v1",
+            Version::HTTP_2,
+            &[("host", "other.example.com")],
+        );
+        assert_eq!(r, Err(ErrorKind::Misdirected));
+    }
+
+    #[test]
+    fn plain_http_table() {
+        let plain = |host: &str, port: u16, method: &str, uri: &str, hs: &[(&str, &str)]| {
+            let a = Authority {
+                host: Host::parse(host).unwrap(),
+                port,
+            };
+            run(&a, Channel::Plain, method, uri, Version::HTTP_11, hs)
+        };
+        assert_eq!(
+            plain(
+                "plain.example.com",
+                80,
+                "GET",
+                "http://plain.example.com/x",
+                &[]
+            ),
+            Ok((1, false))
+        );
+        assert_eq!(
+            plain(
+                "plain.example.com",
+                8080,
+                "GET",
+                "http://plain.example.com:8080/x",
+                &[("host", "plain.example.com:8080")]
+            ),
+            Ok((1, false))
+        );
+        assert_eq!(
+            plain(
+                "plain.example.com",
+                80,
+                "POST",
+                "http://plain.example.com/x",
+                &[]
+            ),
+            Err(ErrorKind::MethodNotAllowed)
+        );
+        assert_eq!(
+            plain(
+                "secret.example.com",
+                80,
+                "GET",
+                "http://secret.example.com/x",
+                &[]
+            ),
+            Err(ErrorKind::CleartextCredentials)
+        );
+        assert_eq!(
+            plain(
+                "api.example.com",
+                80,
+                "GET",
+                "http://api.example.com/v1",
+                &[]
+            ),
+            Err(ErrorKind::HostNotAllowed)
+        );
+        assert_eq!(
+            plain(
+                "plain.example.com",
+                80,
+                "GET",
+                "http://plain.example.com/x",
+                &[("host", "evil.com")]
+            ),
+            Err(ErrorKind::Misdirected)
+        );
+    }
+
+    #[test]
+    fn authority_parsing() {
+        assert_eq!(
+            parse_authority("a.example:80"),
+            Some((Host::parse("a.example").unwrap(), Some(80)))
+        );
+        assert_eq!(
+            parse_authority("[::1]:443"),
+            Some((Host::parse("::1").unwrap(), Some(443)))
+        );
+        assert_eq!(
+            parse_authority("[::1]"),
+            Some((Host::parse("::1").unwrap(), None))
+        );
+        for bad in [
+            "a.example:0",
+            "a.example:99999",
+            "a.example:+1",
+            "[::1]x",
+            "u@h",
+            "a.example:1:2",
+            "::1",
+        ] {
+            assert_eq!(parse_authority(bad), None, "{bad}");
+        }
+    }
+}

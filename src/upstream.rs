@@ -1,0 +1,654 @@
+//! Connections to upstreams: resolution and address checks, verified TLS, and a pool of
+//! hyper client connections (HTTP/2 where the upstream offers it, kept-alive HTTP/1.1
+//! otherwise).
+//!
+//! The pool is our own, over hyper's connection API, rather than hyper-util's legacy
+//! client, because the contract needs what that client hides: whether a request went out
+//! on a reused connection (a bodiless idempotent request that fails there is retried once
+//! on a new one, and nothing else ever is), connections keyed by whether the route may
+//! reach private addresses, and errors we can name precisely (DNS, refused, TLS
+//! certificate, timeout) for `Proxy-Status`.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::ClientConfig;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::destination;
+use crate::error::{ErrorKind, ProxyBody, ProxyError};
+use crate::routes::Host;
+
+/// How long an idle pooled connection is kept, and how many per upstream.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+const POOL_MAX_IDLE_PER_KEY: usize = 32;
+
+/// Operator-pinned addresses (`--resolve HOST:PORT:ADDR`), trusted as given.
+pub type ResolveMap = HashMap<(Host, u16), Vec<IpAddr>>;
+
+/// What the upstream side needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub extra_roots: Vec<CertificateDer<'static>>,
+    pub resolve: ResolveMap,
+    /// The proxy's own listeners, never dialled.
+    pub own_listeners: Vec<SocketAddr>,
+}
+
+/// Where a request goes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Target {
+    pub host: Host,
+    pub port: u16,
+    pub tls: bool,
+    pub allow_private: bool,
+}
+
+impl Target {
+    /// `host[:port]` as it goes in a `Host` header or an absolute URI (port omitted when
+    /// it is the scheme's default).
+    pub fn authority(&self) -> String {
+        let default = if self.tls { 443 } else { 80 };
+        if self.port == default {
+            self.host.authority_form()
+        } else {
+            format!("{}:{}", self.host.authority_form(), self.port)
+        }
+    }
+}
+
+enum Sender {
+    H1(http1::SendRequest<ProxyBody>),
+    H2(http2::SendRequest<ProxyBody>),
+}
+
+#[derive(Default)]
+struct PoolSlot {
+    h2: Option<http2::SendRequest<ProxyBody>>,
+    idle_h1: Vec<(http1::SendRequest<ProxyBody>, Instant)>,
+}
+
+#[derive(Default)]
+struct Pool {
+    slots: Mutex<HashMap<Target, PoolSlot>>,
+}
+
+impl Pool {
+    fn checkout(&self, target: &Target) -> Option<Sender> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = slots.get_mut(target)?;
+        if let Some(h2) = &slot.h2 {
+            if !h2.is_closed() {
+                return Some(Sender::H2(h2.clone()));
+            }
+            slot.h2 = None;
+        }
+        while let Some((sender, since)) = slot.idle_h1.pop() {
+            if since.elapsed() < POOL_IDLE_TIMEOUT && sender.is_ready() {
+                return Some(Sender::H1(sender));
+            }
+        }
+        None
+    }
+
+    fn put_h1(&self, target: &Target, sender: http1::SendRequest<ProxyBody>) {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = slots.entry(target.clone()).or_default();
+        if slot.idle_h1.len() < POOL_MAX_IDLE_PER_KEY {
+            slot.idle_h1.push((sender, Instant::now()));
+        }
+    }
+
+    fn put_h2(&self, target: &Target, sender: &http2::SendRequest<ProxyBody>) {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = slots.entry(target.clone()).or_default();
+        if slot.h2.as_ref().is_none_or(|s| s.is_closed()) {
+            slot.h2 = Some(sender.clone());
+        }
+    }
+
+    /// Drops closed and expired connections, and slots left empty.
+    fn reap(&self) {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.retain(|_, slot| {
+            slot.idle_h1
+                .retain(|(s, since)| since.elapsed() < POOL_IDLE_TIMEOUT && !s.is_closed());
+            if slot.h2.as_ref().is_some_and(|s| s.is_closed()) {
+                slot.h2 = None;
+            }
+            slot.h2.is_some() || !slot.idle_h1.is_empty()
+        });
+    }
+
+    fn idle_count(&self) -> usize {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots
+            .values()
+            .map(|s| s.idle_h1.len() + usize::from(s.h2.is_some()))
+            .sum()
+    }
+}
+
+/// The upstream side of the proxy: shared by every tunnel.
+pub struct Upstream {
+    settings: UpstreamSettings,
+    /// ALPN `h2`, `http/1.1`: ordinary requests.
+    tls: TlsConnector,
+    /// ALPN `http/1.1` only: WebSocket upgrades, which need HTTP/1.1.
+    tls_h1: TlsConnector,
+    pool: Arc<Pool>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream").finish_non_exhaustive()
+    }
+}
+
+impl Upstream {
+    /// Builds the TLS client configurations: public roots plus `extra_roots`, nothing else.
+    pub fn new(settings: UpstreamSettings) -> Result<Upstream, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        for (i, der) in settings.extra_roots.iter().enumerate() {
+            roots
+                .add(der.clone())
+                .map_err(|e| format!("certificate #{} is not a usable root: {e}", i + 1))?;
+        }
+        let roots = Arc::new(roots);
+        let config = |alpn: &[&[u8]]| -> Result<Arc<ClientConfig>, String> {
+            let mut c = ClientConfig::builder_with_provider(crate::ca::crypto_provider())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_root_certificates(roots.clone())
+                .with_no_client_auth();
+            c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+            Ok(Arc::new(c))
+        };
+        Ok(Upstream {
+            tls: TlsConnector::from(config(&[b"h2", b"http/1.1"])?),
+            tls_h1: TlsConnector::from(config(&[b"http/1.1"])?),
+            settings,
+            pool: Arc::new(Pool::default()),
+        })
+    }
+
+    pub fn settings(&self) -> &UpstreamSettings {
+        &self.settings
+    }
+
+    /// Starts the task that drops idle pooled connections; it ends with the `Upstream`.
+    pub fn spawn_reaper(self: &Arc<Self>) {
+        let weak: Weak<Upstream> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(15));
+            loop {
+                tick.tick().await;
+                match weak.upgrade() {
+                    Some(up) => up.pool.reap(),
+                    None => return,
+                }
+            }
+        });
+    }
+
+    pub fn idle_connections(&self) -> usize {
+        self.pool.idle_count()
+    }
+
+    /// Sends `req` (origin-form URI, `Host` header set) to `target`. When `replayable`
+    /// (bodiless and idempotent) and it fails on a reused connection before any response
+    /// byte arrived, it is sent once more on a new connection.
+    pub async fn send(
+        &self,
+        target: &Target,
+        req: Request<ProxyBody>,
+        replayable: bool,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        if let Some(sender) = self.pool.checkout(target) {
+            let copy = replayable.then(|| copy_bodiless(&req));
+            match (self.send_on(target, sender, req).await, copy) {
+                (Ok(r), _) => return Ok(r),
+                (Err(SendError::Unsent(e) | SendError::NoResponse(e)), Some(copy)) => {
+                    tracing::debug!(host = %target.host, error = %e, "reused upstream connection failed; retrying once on a new one");
+                    let sender = self.connect(target, &self.tls).await?;
+                    return self
+                        .send_on(target, sender, copy)
+                        .await
+                        .map_err(SendError::into_proxy);
+                }
+                (Err(e), _) => return Err(e.into_proxy()),
+            }
+        }
+        let sender = self.connect(target, &self.tls).await?;
+        self.send_on(target, sender, req)
+            .await
+            .map_err(SendError::into_proxy)
+    }
+
+    /// Sends a WebSocket upgrade request over a new HTTP/1.1 connection that supports
+    /// upgrades; the caller joins the two upgraded streams.
+    pub async fn send_upgrade(
+        &self,
+        target: &Target,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let io = self.dial(target, &self.tls_h1).await?;
+        let (mut sender, conn) = self
+            .h1_builder()
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| {
+                ProxyError::new(
+                    ErrorKind::UpstreamUnavailable,
+                    format!("HTTP/1.1 handshake with {}: {e}", target.host),
+                )
+            })?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        let sent =
+            tokio::time::timeout(self.settings.response_timeout, sender.send_request(req)).await;
+        match sent {
+            Err(_) => Err(response_timeout(target)),
+            Ok(Err(e)) => Err(classify_hyper_error(target, &e)),
+            Ok(Ok(r)) => Ok(r),
+        }
+    }
+
+    fn h1_builder(&self) -> http1::Builder {
+        let mut b = http1::Builder::new();
+        b.max_buf_size(self.settings.max_header_bytes.max(8192) + 8192)
+            .max_headers(256);
+        b
+    }
+
+    async fn send_on(
+        &self,
+        target: &Target,
+        sender: Sender,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let timeout = self.settings.response_timeout;
+        match sender {
+            Sender::H1(mut s) => {
+                if s.ready().await.is_err() {
+                    return Err(SendError::Unsent(ProxyError::new(
+                        ErrorKind::UpstreamUnavailable,
+                        format!("connection to {} closed", target.host),
+                    )));
+                }
+                let result = tokio::time::timeout(timeout, s.send_request(req)).await;
+                let response = finish(target, result)?;
+                // Back to the pool once this response's body has been read to its end.
+                let pool = self.pool.clone();
+                let key = target.clone();
+                tokio::spawn(async move {
+                    if s.ready().await.is_ok() {
+                        pool.put_h1(&key, s);
+                    }
+                });
+                Ok(response)
+            }
+            Sender::H2(mut s) => {
+                // HTTP/2 carries the authority in the URI (`:authority`), not in `Host`.
+                let host = req.headers_mut().remove(http::header::HOST);
+                let authority = host
+                    .as_ref()
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| target.authority());
+                let path = req
+                    .uri()
+                    .path_and_query()
+                    .map(|p| p.as_str())
+                    .unwrap_or("/");
+                let scheme = if target.tls { "https" } else { "http" };
+                *req.uri_mut() =
+                    Uri::try_from(format!("{scheme}://{authority}{path}")).map_err(|e| {
+                        SendError::Unsent(ProxyError::new(
+                            ErrorKind::BadRequest,
+                            format!("request target: {e}"),
+                        ))
+                    })?;
+                if s.ready().await.is_err() {
+                    return Err(SendError::Unsent(ProxyError::new(
+                        ErrorKind::UpstreamUnavailable,
+                        format!("HTTP/2 connection to {} closed", target.host),
+                    )));
+                }
+                finish(
+                    target,
+                    tokio::time::timeout(timeout, s.send_request(req)).await,
+                )
+            }
+        }
+    }
+
+    /// Opens a new pooled connection to `target`.
+    async fn connect(&self, target: &Target, tls: &TlsConnector) -> Result<Sender, ProxyError> {
+        let io = self.dial(target, tls).await?;
+        let h2 = io.is_h2();
+        let io = TokioIo::new(io);
+        let handshake_err = |e: hyper::Error| {
+            ProxyError::new(
+                ErrorKind::UpstreamTlsProtocol,
+                format!("HTTP handshake with {}: {e}", target.host),
+            )
+        };
+        if h2 {
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_header_list_size(self.settings.max_header_bytes as u32)
+                .keep_alive_interval(Duration::from_secs(30))
+                .keep_alive_timeout(Duration::from_secs(20))
+                .handshake(io)
+                .await
+                .map_err(handshake_err)?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            self.pool.put_h2(target, &sender);
+            Ok(Sender::H2(sender))
+        } else {
+            let (sender, conn) = self
+                .h1_builder()
+                .handshake(io)
+                .await
+                .map_err(handshake_err)?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            Ok(Sender::H1(sender))
+        }
+    }
+
+    /// Resolves, checks, connects and (for TLS targets) handshakes, all within the
+    /// connect timeout.
+    async fn dial(&self, target: &Target, tls: &TlsConnector) -> Result<UpstreamIo, ProxyError> {
+        let work = async {
+            let addrs = self.resolve(target).await?;
+            let tcp = connect_any(target, &addrs).await?;
+            if !target.tls {
+                return Ok(UpstreamIo::Plain(tcp));
+            }
+            let name = match &target.host {
+                Host::Ip(ip) => ServerName::IpAddress((*ip).into()),
+                Host::Name(n) => ServerName::try_from(n.clone()).map_err(|e| {
+                    ProxyError::new(
+                        ErrorKind::UpstreamTlsProtocol,
+                        format!("{n} is not a TLS server name: {e}"),
+                    )
+                })?,
+            };
+            let stream = tls
+                .connect(name, tcp)
+                .await
+                .map_err(|e| classify_tls_error(target, &e))?;
+            Ok(UpstreamIo::Tls(Box::new(stream)))
+        };
+        tokio::time::timeout(self.settings.connect_timeout, work)
+            .await
+            .unwrap_or_else(|_| {
+                Err(ProxyError::new(
+                    ErrorKind::UpstreamConnectTimeout,
+                    format!(
+                        "connecting to {}:{} took longer than {}s",
+                        target.host,
+                        target.port,
+                        self.settings.connect_timeout.as_secs_f64()
+                    ),
+                ))
+            })
+    }
+
+    /// The addresses to dial: the operator's pin, the IP literal, or DNS answers, each
+    /// checked against the destination rules (a pin is trusted as given).
+    async fn resolve(&self, target: &Target) -> Result<Vec<SocketAddr>, ProxyError> {
+        let own = &self.settings.own_listeners;
+        let refuse = |addr: SocketAddr, why: destination::Refused| {
+            ProxyError::new(
+                ErrorKind::DestinationNotAllowed,
+                format!(
+                    "{} resolves to {}, {}",
+                    target.host,
+                    addr.ip(),
+                    why.describe()
+                ),
+            )
+        };
+        if let Some(pinned) = self
+            .settings
+            .resolve
+            .get(&(target.host.clone(), target.port))
+        {
+            let addrs: Vec<SocketAddr> = pinned
+                .iter()
+                .map(|ip| SocketAddr::new(*ip, target.port))
+                .collect();
+            for a in &addrs {
+                if destination::is_own_listener(*a, own) {
+                    return Err(refuse(*a, destination::Refused::OwnListener));
+                }
+            }
+            return Ok(addrs);
+        }
+        let addrs: Vec<SocketAddr> = match &target.host {
+            Host::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
+            Host::Name(name) => tokio::net::lookup_host((name.as_str(), target.port))
+                .await
+                .map_err(|e| {
+                    ProxyError::new(
+                        ErrorKind::UpstreamDns,
+                        format!("cannot resolve {name}: {e}"),
+                    )
+                })?
+                .collect(),
+        };
+        if addrs.is_empty() {
+            return Err(ProxyError::new(
+                ErrorKind::UpstreamDns,
+                format!("{} has no address", target.host),
+            ));
+        }
+        // Every answer is checked: one private address among public ones is refused
+        // rather than skipped, since a rebinding answer has no business in a public name.
+        for a in &addrs {
+            destination::check(*a, target.allow_private, own).map_err(|why| refuse(*a, why))?;
+        }
+        Ok(addrs)
+    }
+}
+
+/// A bodiless copy of a request for the one replay of SPEC §4.3.
+fn copy_bodiless(req: &Request<ProxyBody>) -> Request<ProxyBody> {
+    let mut copy = Request::new(crate::error::empty_body());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy
+}
+
+async fn connect_any(target: &Target, addrs: &[SocketAddr]) -> Result<TcpStream, ProxyError> {
+    let mut last: Option<io::Error> = None;
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    let e = last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"));
+    let kind = if e.kind() == io::ErrorKind::ConnectionRefused {
+        ErrorKind::UpstreamRefused
+    } else {
+        ErrorKind::UpstreamUnavailable
+    };
+    Err(ProxyError::new(
+        kind,
+        format!("cannot connect to {}:{}: {e}", target.host, target.port),
+    ))
+}
+
+fn classify_tls_error(target: &Target, e: &io::Error) -> ProxyError {
+    let tls = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    let kind = match tls {
+        Some(rustls::Error::InvalidCertificate(_))
+        | Some(rustls::Error::NoCertificatesPresented) => ErrorKind::UpstreamTlsCertificate,
+        _ => ErrorKind::UpstreamTlsProtocol,
+    };
+    ProxyError::new(kind, format!("TLS with {}: {e}", target.host))
+}
+
+fn response_timeout(target: &Target) -> ProxyError {
+    ProxyError::new(
+        ErrorKind::UpstreamResponseTimeout,
+        format!("{} sent no response head in time", target.host),
+    )
+}
+
+/// How a send failed: before the request went out, after it went out but before any
+/// response byte, or otherwise (a bad response head, a timeout): only the first two may
+/// be replayed.
+enum SendError {
+    Unsent(ProxyError),
+    NoResponse(ProxyError),
+    Final(ProxyError),
+}
+
+impl SendError {
+    fn into_proxy(self) -> ProxyError {
+        match self {
+            SendError::Unsent(e) | SendError::NoResponse(e) | SendError::Final(e) => e,
+        }
+    }
+}
+
+fn finish(
+    target: &Target,
+    result: Result<Result<Response<Incoming>, hyper::Error>, tokio::time::error::Elapsed>,
+) -> Result<Response<Incoming>, SendError> {
+    match result {
+        Err(_) => Err(SendError::Final(response_timeout(target))),
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) => {
+            let err = classify_hyper_error(target, &e);
+            Err(match err.kind {
+                ErrorKind::UpstreamBadResponse | ErrorKind::UpstreamResponseHeadTooLarge => {
+                    SendError::Final(err)
+                }
+                _ if e.is_canceled() => SendError::Unsent(err),
+                _ => SendError::NoResponse(err),
+            })
+        }
+    }
+}
+
+fn classify_hyper_error(target: &Target, e: &hyper::Error) -> ProxyError {
+    let kind = if e.is_parse_too_large() {
+        ErrorKind::UpstreamResponseHeadTooLarge
+    } else if e.is_parse() || e.is_parse_status() {
+        ErrorKind::UpstreamBadResponse
+    } else {
+        ErrorKind::UpstreamUnavailable
+    };
+    let mut reason = format!("{} failed: {e}", target.host);
+    if let Some(src) = std::error::Error::source(e) {
+        reason.push_str(&format!(" ({src})"));
+    }
+    ProxyError::new(kind, reason)
+}
+
+/// A plain or TLS upstream connection.
+enum UpstreamIo {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl UpstreamIo {
+    fn is_h2(&self) -> bool {
+        match self {
+            UpstreamIo::Plain(_) => false,
+            UpstreamIo::Tls(s) => s.get_ref().1.alpn_protocol() == Some(b"h2"),
+        }
+    }
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamIo::Plain(s) => s.is_write_vectored(),
+            UpstreamIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
