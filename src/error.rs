@@ -13,8 +13,27 @@ use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 
 /// Boxed error type for bodies that stream through the proxy.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// The body of every response the proxy sends to an agent.
-pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Why a streamed body stopped. A concrete type rather than a bare `BoxError`, because
+/// `Box<dyn Error>` as a body error trips rustc's higher-ranked lifetime inference
+/// inside spawned hyper futures.
+#[derive(Debug)]
+pub struct BodyError(pub BoxError);
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for BodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.0.as_ref())
+    }
+}
+
+/// The body of every request and response the proxy streams.
+pub type ProxyBody = UnsyncBoxBody<Bytes, BodyError>;
 
 /// What went wrong, as the contract names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,9 +5,14 @@
 //! TLS. `SPEC.md` is the contract; this crate is its implementation. See README.md for
 //! how the modules fit together.
 
+pub mod admin;
+pub mod app;
 pub mod ca;
+pub mod config;
 pub mod destination;
 pub mod error;
 pub mod policy;
+pub mod proxy;
+pub mod reload;
 pub mod routes;
 pub mod upstream;

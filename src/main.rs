@@ -1,1 +1,67 @@
-fn main() {}
+//! The `egress-proxy` command: parse the command line, build the configuration, run.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use egress_proxy::ca::BottleCa;
+use egress_proxy::config::{CaCommand, Cli, Command, Config, LogFormat, RunArgs};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => run(cli.run),
+        Some(Command::Run(args)) => run(*args),
+        Some(Command::Check { routes_file }) => egress_proxy::reload::load_routes(&routes_file)
+            .map(|t| println!("{}: ok, {} routes", routes_file.display(), t.routes().len())),
+        Some(Command::Ca(CaCommand::Init { ca_dir })) => BottleCa::load_or_mint(&ca_dir)
+            .map(|_| println!("{}", ca_dir.join(egress_proxy::ca::CA_CERT_FILE).display()))
+            .map_err(|e| e.to_string()),
+        Some(Command::Ca(CaCommand::Show { ca_dir })) => BottleCa::load_existing(&ca_dir)
+            .map(|ca| print!("{}", ca.cert_pem()))
+            .map_err(|e| e.to_string()),
+        Some(Command::Health { admin }) => {
+            runtime(1).and_then(|rt| rt.block_on(egress_proxy::admin::probe(&admin)))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(line) => {
+            eprintln!("egress-proxy: {line}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: RunArgs) -> Result<(), String> {
+    let config = Config::from_args(args)?;
+    init_logging(config.log_format);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    runtime(threads)?.block_on(egress_proxy::app::run(config))
+}
+
+fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+        LogFormat::Text => builder.compact().init(),
+    }
+}

@@ -322,12 +322,13 @@ routes:
     fn tunnel_table() {
         use ErrorKind::*;
         let h = ("host", "api.example.com");
-        let cases: &[(
-            &str,
-            &str,
-            &[(&str, &str)],
+        type Case<'a> = (
+            &'a str,
+            &'a str,
+            &'a [(&'a str, &'a str)],
             Result<(usize, bool), ErrorKind>,
-        )] = &[
+        );
+        let cases: &[Case] = &[
             ("GET", "/v1/models", &[h], Ok((0, false))),
             ("GET", "/v1/models?x=1", &[h], Ok((0, false))),
             (

@@ -1,0 +1,109 @@
+//! The admin listener (SPEC §6): health and readiness for the orchestrator, and the
+//! bottle CA for agents that fetch it over HTTP.
+//!
+//! Kept apart from the proxy listener so the agent's port never serves anything but
+//! proxying, and so probes keep answering while the proxy port is saturated.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+use crate::error::{ProxyBody, full_body};
+use crate::proxy::ProxyState;
+
+/// Serves the admin endpoints until the process exits.
+pub async fn serve(listener: TcpListener, state: Arc<ProxyState>, bundle_pem: Bytes) {
+    let ca_pem = Bytes::from(state.leaves.ca().cert_pem().to_owned());
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let (state, ca_pem, bundle_pem) = (state.clone(), ca_pem.clone(), bundle_pem.clone());
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let response = route(&req, &state, &ca_pem, &bundle_pem);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn route(
+    req: &Request<Incoming>,
+    _state: &ProxyState,
+    ca_pem: &Bytes,
+    bundle_pem: &Bytes,
+) -> Response<ProxyBody> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            Bytes::from_static(b"GET only\n"),
+        );
+    }
+    match req.uri().path() {
+        // The proxy serves from the moment this listener is up: routes and CA are loaded
+        // before either listener binds.
+        "/healthz" | "/readyz" => text(StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
+        "/ca.pem" => text(StatusCode::OK, "application/x-pem-file", ca_pem.clone()),
+        "/ca-bundle.pem" => text(StatusCode::OK, "application/x-pem-file", bundle_pem.clone()),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            Bytes::from_static(b"not found\n"),
+        ),
+    }
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<ProxyBody> {
+    let mut r = Response::new(full_body(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    r
+}
+
+/// `egress-proxy health`: true when `/healthz` at `admin` answers 200 within 3 seconds.
+pub async fn probe(admin: &str) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let work = async {
+        let mut s = tokio::net::TcpStream::connect(admin)
+            .await
+            .map_err(|e| format!("{admin}: {e}"))?;
+        s.write_all(
+            format!("GET /healthz HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .map_err(|e| format!("{admin}: {e}"))?;
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head)
+            .await
+            .map_err(|e| format!("{admin}: {e}"))?;
+        if &head[9..12] == b"200" {
+            Ok(())
+        } else {
+            Err(format!(
+                "{admin}/healthz answered {}",
+                String::from_utf8_lossy(&head[9..12])
+            ))
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(3), work)
+        .await
+        .unwrap_or_else(|_| Err(format!("{admin}: no answer within 3s")))
+}

@@ -1,0 +1,382 @@
+//! One request, from the agent to the upstream and back: ask the policy, rewrite the
+//! headers (agent credentials and hop-by-hop headers out, the route's token in), send it
+//! through the pooled upstream client, and stream the answer back. WebSocket upgrades
+//! are relayed byte for byte once both sides have switched protocols.
+//!
+//! Each request is logged once, when its response body has been fully sent (or the
+//! relay ends), with its bytes each way: the log record rides along with the body.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Incoming};
+use hyper_util::rt::TokioIo;
+
+use super::ClientConn;
+use super::body::Tracked;
+use super::intercept::Tunnel;
+use crate::error::{ErrorKind, ProxyBody, ProxyError, empty_body};
+use crate::policy::{self, Authority, Channel, RequestView, parse_authority};
+use crate::routes::{Host, HostError, Injection};
+use crate::upstream::Target;
+
+/// A request inside an intercepted tunnel.
+pub async fn intercepted(req: Request<Incoming>, tunnel: Arc<Tunnel>) -> Response<ProxyBody> {
+    process(req, &tunnel.conn, &tunnel.authority, Channel::Tunnel).await
+}
+
+/// A request on the proxy listener itself: only absolute-form `http://` is forwarded.
+pub async fn plain_http(req: Request<Incoming>, conn: ClientConn) -> Response<ProxyBody> {
+    let refuse = |kind, reason: &str, host: &str| {
+        let e = ProxyError::new(kind, reason);
+        RequestRecord::new(&conn, host, 0, &req, Instant::now()).refused(&e);
+        e.response(host, req.version() < Version::HTTP_2)
+    };
+    match req.uri().scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return refuse(
+                ErrorKind::BadRequest,
+                "an https:// request must go through CONNECT (set HTTPS_PROXY)",
+                "",
+            );
+        }
+        _ => {
+            return refuse(
+                ErrorKind::BadRequest,
+                "not a proxy request: use CONNECT for HTTPS or an absolute http:// URI",
+                "",
+            );
+        }
+    }
+    let raw = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
+    let host_part = raw.rsplit_once(':').map(|(h, _)| h).unwrap_or(raw);
+    if let Err(HostError::Numeric) = Host::parse(host_part) {
+        return refuse(
+            ErrorKind::DestinationNotAllowed,
+            "an all-numeric host name is refused",
+            "",
+        );
+    }
+    let Some((host, port)) = parse_authority(raw) else {
+        return refuse(
+            ErrorKind::BadRequest,
+            "request target has no valid host",
+            "",
+        );
+    };
+    let authority = Authority {
+        host,
+        port: port.unwrap_or(80),
+    };
+    process(req, &conn, &authority, Channel::Plain).await
+}
+
+/// What the policy allowed, copied out so the request can be taken apart.
+struct Grant {
+    route_index: usize,
+    injection: Option<Injection>,
+    allow_private: bool,
+    websocket: bool,
+}
+
+async fn process(
+    mut req: Request<Incoming>,
+    conn: &ClientConn,
+    authority: &Authority,
+    channel: Channel,
+) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let in_flight = conn.activity.begin();
+    let host = authority.host.to_string();
+    let mut record = RequestRecord::new(conn, &host, authority.port, &req, started);
+    let h1 = req.version() < Version::HTTP_2;
+    let state = &conn.state;
+
+    if head_size(&req) > state.limits.max_header_bytes {
+        let e = ProxyError::new(
+            ErrorKind::HeadersTooLarge,
+            format!(
+                "request head is over {} bytes",
+                state.limits.max_header_bytes
+            ),
+        );
+        record.refused(&e);
+        return e.response(&host, h1);
+    }
+    // The routes current now decide this request, even if a reload lands mid-flight.
+    let routes = state.routes.load_full();
+    let view = RequestView {
+        method: req.method(),
+        uri: req.uri(),
+        version: req.version(),
+        headers: req.headers(),
+    };
+    let grant = match policy::decide(&routes, authority, channel, view) {
+        Ok(allowed) => Grant {
+            route_index: allowed.route.index,
+            injection: allowed.route.injection.clone(),
+            allow_private: allowed.route.allow_private,
+            websocket: allowed.websocket,
+        },
+        Err(e) => {
+            record.refused(&e);
+            return e.response(&host, h1 && e.kind == ErrorKind::BadRequest);
+        }
+    };
+    drop(routes);
+    record.route = Some(grant.route_index);
+
+    let target = Target {
+        host: authority.host.clone(),
+        port: authority.port,
+        tls: channel == Channel::Tunnel,
+        allow_private: grant.allow_private,
+    };
+    let agent_upgrade = grant.websocket.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let bodiless = body.is_end_stream();
+    let replayable =
+        bodiless && matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+    let body_idle = state.limits.body_idle_timeout;
+    rewrite_request_headers(
+        &mut parts.headers,
+        grant.injection.as_ref(),
+        grant.websocket,
+    );
+    if let Ok(v) = HeaderValue::from_str(&target.authority()) {
+        parts.headers.insert(header::HOST, v);
+    }
+    parts.uri = match parts.uri.path_and_query() {
+        Some(pq) => Uri::from(pq.clone()),
+        None => Uri::from_static("/"),
+    };
+    parts.version = Version::HTTP_11;
+    let upstream_body = Tracked::new(body, body_idle, record.bytes_up.clone(), ()).boxed_unsync();
+    let upstream_req = Request::from_parts(parts, upstream_body);
+
+    let sent = match agent_upgrade {
+        Some(_) => state.upstream.send_upgrade(&target, upstream_req).await,
+        None => state.upstream.send(&target, upstream_req, replayable).await,
+    };
+    let mut response = match sent {
+        Ok(r) => r,
+        Err(e) => {
+            record.failed(&e);
+            return e.response(&host, false);
+        }
+    };
+    record.status = response.status().as_u16();
+
+    if let Some(agent_upgrade) = agent_upgrade
+        && response.status() == StatusCode::SWITCHING_PROTOCOLS
+    {
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        let (mut parts, _) = response.into_parts();
+        rewrite_response_headers(&mut parts.headers, true);
+        tokio::spawn(relay_websocket(
+            agent_upgrade,
+            upstream_upgrade,
+            record,
+            in_flight,
+        ));
+        return Response::from_parts(parts, empty_body());
+    }
+    let (mut parts, body) = response.into_parts();
+    rewrite_response_headers(&mut parts.headers, false);
+    let bytes_down = record.bytes_down.clone();
+    let body = Tracked::new(body, body_idle, bytes_down, (record, in_flight)).boxed_unsync();
+    Response::from_parts(parts, body)
+}
+
+async fn relay_websocket(
+    agent: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    record: RequestRecord,
+    in_flight: super::InFlight,
+) {
+    let (agent, upstream) = match tokio::try_join!(agent, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "WebSocket upgrade did not complete");
+            return;
+        }
+    };
+    let mut agent = TokioIo::new(agent);
+    let mut upstream = TokioIo::new(upstream);
+    // An upgraded WebSocket has no silence timeout (SPEC §2): it ends when a side closes.
+    if let Ok((up, down)) = tokio::io::copy_bidirectional(&mut agent, &mut upstream).await {
+        record.bytes_up.fetch_add(up, Ordering::Relaxed);
+        record.bytes_down.fetch_add(down, Ordering::Relaxed);
+    }
+    drop(in_flight);
+}
+
+/// An approximation of the request head's size on the wire (HTTP/1.1 framing), used for
+/// the same limit over both HTTP versions.
+fn head_size<B>(req: &Request<B>) -> usize {
+    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    line + headers + 2
+}
+
+/// Headers that describe one hop, never forwarded either way (RFC 9110 §7.6.1), plus
+/// the proxy's own credentials.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes hop-by-hop headers and those the `Connection` header names.
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// The agent's request headers as they go upstream: hop-by-hop headers, every
+/// credential the agent sent (`Authorization`, the route's header) and `Host` removed,
+/// the route's token added.
+fn rewrite_request_headers(
+    headers: &mut HeaderMap,
+    injection: Option<&Injection>,
+    websocket: bool,
+) {
+    let te_trailers = headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    remove_hop_by_hop(headers);
+    headers.remove(header::AUTHORIZATION);
+    headers.remove(header::HOST);
+    if te_trailers {
+        // `TE: trailers` is the one TE value HTTP/2 allows; gRPC needs it.
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if let Some(inj) = injection {
+        headers.remove(&inj.header);
+        headers.insert(inj.header.clone(), inj.value.clone());
+    }
+    if websocket {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    }
+}
+
+fn rewrite_response_headers(headers: &mut HeaderMap, switching: bool) {
+    remove_hop_by_hop(headers);
+    if switching {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    }
+}
+
+/// The audit record of one request, logged once when dropped (after the response body
+/// has been sent, or at once for a refusal).
+struct RequestRecord {
+    conn: u64,
+    client: SocketAddr,
+    host: String,
+    port: u16,
+    method: Method,
+    /// Path without the query: a query is never logged.
+    path: String,
+    route: Option<usize>,
+    decision: &'static str,
+    reason: &'static str,
+    detail: Option<String>,
+    status: u16,
+    bytes_up: Arc<AtomicU64>,
+    bytes_down: Arc<AtomicU64>,
+    started: Instant,
+}
+
+impl RequestRecord {
+    fn new<B>(
+        conn: &ClientConn,
+        host: &str,
+        port: u16,
+        req: &Request<B>,
+        started: Instant,
+    ) -> Self {
+        RequestRecord {
+            conn: conn.id,
+            client: conn.client,
+            host: host.to_owned(),
+            port,
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
+            route: None,
+            decision: "allow",
+            reason: "",
+            detail: None,
+            status: 0,
+            bytes_up: Arc::new(AtomicU64::new(0)),
+            bytes_down: Arc::new(AtomicU64::new(0)),
+            started,
+        }
+    }
+
+    fn refused(mut self, e: &ProxyError) {
+        self.decision = "deny";
+        self.set_error(e);
+    }
+
+    fn failed(mut self, e: &ProxyError) {
+        self.decision = "error";
+        self.set_error(e);
+    }
+
+    fn set_error(&mut self, e: &ProxyError) {
+        self.reason = e.kind.code();
+        self.status = e.kind.status().as_u16();
+        self.detail = Some(e.reason.clone());
+    }
+}
+
+impl Drop for RequestRecord {
+    fn drop(&mut self) {
+        tracing::info!(
+            target: "egress_proxy::audit",
+            event = "request",
+            conn = self.conn,
+            client = %self.client,
+            host = %self.host,
+            port = self.port,
+            method = %self.method,
+            path = %self.path,
+            route = self.route,
+            decision = self.decision,
+            reason = self.reason,
+            detail = self.detail.as_deref(),
+            status = self.status,
+            bytes_up = self.bytes_up.load(Ordering::Relaxed),
+            bytes_down = self.bytes_down.load(Ordering::Relaxed),
+            duration_ms = self.started.elapsed().as_millis() as u64,
+        );
+    }
+}

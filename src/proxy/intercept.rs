@@ -1,0 +1,266 @@
+//! Inside an allowed CONNECT: TLS with the agent under a leaf for exactly the CONNECT
+//! host, then an HTTP/1.1 or HTTP/2 server (as the agent's ALPN chose) whose every
+//! request goes to [`super::forward::intercepted`].
+//!
+//! The ClientHello is read before any certificate is chosen, so an SNI naming another
+//! host is refused with a TLS `unrecognized_name` alert and no leaf is minted for it.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio_rustls::StartHandshake;
+use tokio_rustls::server::TlsStream;
+
+use super::{ClientConn, drive_connection, forward};
+use crate::ca::LeafCache;
+use crate::policy::Authority;
+use crate::routes::Host;
+
+/// A fatal `unrecognized_name` alert (RFC 6066 §3), as a plaintext TLS record: what a
+/// server sends when the SNI names a host it does not serve.
+const UNRECOGNIZED_NAME_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70];
+
+/// The tunnel as every request on it sees it.
+#[derive(Debug)]
+pub struct Tunnel {
+    pub conn: ClientConn,
+    pub authority: Authority,
+}
+
+/// Why a tunnel ended before serving HTTP.
+enum TlsFailure {
+    /// SNI named another host.
+    Misdirected(String),
+    Handshake(String),
+}
+
+/// Serves an upgraded CONNECT stream until the agent or the idle timeout closes it, then
+/// logs the one `connect` event with what the tunnel carried.
+pub async fn run(upgraded: Upgraded, authority: Authority, conn: ClientConn, started: Instant) {
+    let counters = Arc::new(Counters::default());
+    let io = Counted {
+        inner: TokioIo::new(upgraded),
+        counters: counters.clone(),
+    };
+    let state = conn.state.clone();
+    let handshake = tokio::time::timeout(
+        state.limits.client_timeout,
+        accept_tls(io, &authority.host, &state.leaves),
+    )
+    .await
+    .unwrap_or_else(|_| Err(TlsFailure::Handshake("TLS handshake timed out".into())));
+    let outcome = match handshake {
+        Err(f) => Some(f),
+        Ok(tls) => {
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            serve_http(
+                tls,
+                h2,
+                Arc::new(Tunnel {
+                    conn: conn.clone(),
+                    authority: authority.clone(),
+                }),
+            )
+            .await;
+            None
+        }
+    };
+    let (up, down) = (
+        counters.read.load(Ordering::Relaxed),
+        counters.written.load(Ordering::Relaxed),
+    );
+    let ms = started.elapsed().as_millis() as u64;
+    let host = authority.host.to_string();
+    match outcome {
+        None => tracing::info!(
+            target: "egress_proxy::audit",
+            event = "connect", conn = conn.id, client = %conn.client, host, port = authority.port,
+            decision = "allow", status = 200u16, bytes_up = up, bytes_down = down, duration_ms = ms,
+        ),
+        Some(TlsFailure::Misdirected(sni)) => tracing::info!(
+            target: "egress_proxy::audit",
+            event = "connect", conn = conn.id, client = %conn.client, host, port = authority.port,
+            decision = "deny", reason = "misdirected", status = 421u16, sni = %sni,
+            bytes_up = up, bytes_down = down, duration_ms = ms,
+        ),
+        Some(TlsFailure::Handshake(why)) => tracing::info!(
+            target: "egress_proxy::audit",
+            event = "connect", conn = conn.id, client = %conn.client, host, port = authority.port,
+            decision = "allow", reason = "tls_handshake_failed", detail = %why, status = 200u16,
+            bytes_up = up, bytes_down = down, duration_ms = ms,
+        ),
+    }
+}
+
+async fn serve_http<IO>(tls: TlsStream<IO>, h2: bool, tunnel: Arc<Tunnel>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = &tunnel.conn.state.limits;
+    let idle = limits.idle_timeout;
+    let activity = tunnel.conn.activity.clone();
+    let shutdown = tunnel.conn.state.shutdown_signal();
+    let service = {
+        let tunnel = tunnel.clone();
+        service_fn(move |req| {
+            let tunnel = tunnel.clone();
+            async move { Ok::<_, std::convert::Infallible>(forward::intercepted(req, tunnel).await) }
+        })
+    };
+    let io = TokioIo::new(tls);
+    if h2 {
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .max_header_list_size(limits.max_header_bytes as u32)
+            .keep_alive_interval(None);
+        let conn = builder.serve_connection(io, service);
+        drive_connection(conn, |c| c.graceful_shutdown(), &activity, idle, shutdown).await;
+    } else {
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(idle)
+            .max_buf_size(limits.max_header_bytes.max(8192) + 8192)
+            .keep_alive(true);
+        let conn = builder.serve_connection(io, service).with_upgrades();
+        drive_connection(conn, |c| c.graceful_shutdown(), &activity, idle, shutdown).await;
+    }
+}
+
+/// Reads the ClientHello, checks its SNI against the CONNECT host, and completes the
+/// handshake with that host's leaf.
+async fn accept_tls<IO>(
+    mut io: IO,
+    host: &Host,
+    leaves: &LeafCache,
+) -> Result<TlsStream<IO>, TlsFailure>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut buf = vec![0u8; 8192];
+    let accepted = loop {
+        let n = io
+            .read(&mut buf)
+            .await
+            .map_err(|e| TlsFailure::Handshake(format!("reading ClientHello: {e}")))?;
+        if n == 0 {
+            return Err(TlsFailure::Handshake("closed before TLS".into()));
+        }
+        let mut rest = &buf[..n];
+        while !rest.is_empty() {
+            match acceptor.read_tls(&mut rest) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => return Err(TlsFailure::Handshake(format!("not TLS: {e}"))),
+            }
+        }
+        match acceptor.accept() {
+            Ok(Some(accepted)) => break accepted,
+            Ok(None) => continue,
+            Err((e, mut alert)) => {
+                let mut out = Vec::new();
+                let _ = alert.write_all(&mut out);
+                let _ = io.write_all(&out).await;
+                return Err(TlsFailure::Handshake(format!("bad ClientHello: {e}")));
+            }
+        }
+    };
+    if let Some(sni) = accepted.client_hello().server_name()
+        && Host::parse(sni).ok().as_ref() != Some(host)
+    {
+        let sni: String = sni
+            .chars()
+            .filter(|c| c.is_ascii_graphic())
+            .take(255)
+            .collect();
+        let _ = io.write_all(&UNRECOGNIZED_NAME_ALERT).await;
+        let _ = io.shutdown().await;
+        return Err(TlsFailure::Misdirected(sni));
+    }
+    let config = leaves
+        .server_config(host)
+        .map_err(|e| TlsFailure::Handshake(e.to_string()))?;
+    StartHandshake::from_parts(accepted, io)
+        .into_stream(config)
+        .await
+        .map_err(|e| TlsFailure::Handshake(e.to_string()))
+}
+
+/// Bytes each way through a tunnel, as the agent's TCP connection saw them.
+#[derive(Debug, Default)]
+struct Counters {
+    read: AtomicU64,
+    written: AtomicU64,
+}
+
+struct Counted<IO> {
+    inner: IO,
+    counters: Arc<Counters>,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Counted<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        this.counters.read.fetch_add(n as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Counted<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            this.counters.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            this.counters.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}

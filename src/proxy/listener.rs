@@ -1,0 +1,238 @@
+//! The proxy listener: accepts agent connections, caps how many are open, and serves the
+//! first HTTP/1.1 exchange on each: a `CONNECT host:port` that opens an intercepted
+//! tunnel, or an absolute-form plain-HTTP request.
+//!
+//! The CONNECT is decided before anything is resolved or dialled: a host and port no
+//! route covers gets 403 and the tunnel never opens.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::{ClientConn, OpenConnection, ProxyState, drive_connection, forward, intercept};
+use crate::destination;
+use crate::error::{ErrorKind, ProxyBody, ProxyError, empty_body};
+use crate::policy::{Authority, parse_authority};
+use crate::routes::{Host, HostError};
+
+/// Accepts connections until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<ProxyState>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.as_mut() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, client) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let Ok(slot) = state.connection_slots.clone().try_acquire_owned() else {
+            tokio::spawn(refuse_over_limit(stream, client, state.clone()));
+            continue;
+        };
+        state.open_connections.fetch_add(1, Ordering::Relaxed);
+        let conn = ClientConn {
+            id: state.next_id(),
+            client,
+            state: state.clone(),
+            activity: super::Activity::new(),
+            _open: Arc::new(OpenConnection {
+                state: state.clone(),
+                _slot: slot,
+            }),
+        };
+        tokio::spawn(serve_client(stream, conn));
+    }
+}
+
+/// Answers 503 `too_many_connections` once the cap is reached: read what the client
+/// sent (briefly), answer, close.
+async fn refuse_over_limit(mut stream: TcpStream, client: SocketAddr, state: Arc<ProxyState>) {
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buf)).await;
+    let e = ProxyError::new(
+        ErrorKind::TooManyConnections,
+        format!(
+            "{} agent connections are open already",
+            state.limits.max_connections
+        ),
+    );
+    tracing::warn!(target: "egress_proxy::audit", event = "connect", client = %client, decision = "deny", reason = e.kind.code(), status = 503u16);
+    // No HTTP server runs on this connection, so the one response is written by hand.
+    let (parts, body) = e.response("", true).into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let mut head = format!("HTTP/1.1 {}\r\n", parts.status);
+    for (name, value) in &parts.headers {
+        if let Ok(v) = value.to_str() {
+            head.push_str(&format!("{name}: {v}\r\n"));
+        }
+    }
+    head.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(&body).await;
+    let _ = stream.shutdown().await;
+}
+
+async fn serve_client(stream: TcpStream, conn: ClientConn) {
+    let limits = &conn.state.limits;
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.client_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192) + 8192)
+        .keep_alive(true);
+    let idle = limits.idle_timeout;
+    let activity = conn.activity.clone();
+    let shutdown = conn.state.shutdown_signal();
+    let service = {
+        let conn = conn.clone();
+        service_fn(move |req| {
+            let conn = conn.clone();
+            async move { Ok::<_, Infallible>(handle(req, conn).await) }
+        })
+    };
+    let connection = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    drive_connection(
+        connection,
+        |c| c.graceful_shutdown(),
+        &activity,
+        idle,
+        shutdown,
+    )
+    .await;
+}
+
+async fn handle(req: Request<Incoming>, conn: ClientConn) -> Response<ProxyBody> {
+    if req.method() == Method::CONNECT {
+        return handle_connect(req, conn);
+    }
+    forward::plain_http(req, conn).await
+}
+
+/// Logs a refused CONNECT.
+fn log_connect_refused(conn: &ClientConn, target: &str, port: u16, e: &ProxyError) {
+    tracing::info!(
+        target: "egress_proxy::audit",
+        event = "connect", conn = conn.id, client = %conn.client, host = target, port,
+        decision = "deny", reason = e.kind.code(), status = e.kind.status().as_u16(), detail = %e.reason,
+        bytes_up = 0u64, bytes_down = 0u64, duration_ms = 0u64,
+    );
+}
+
+/// Decides a CONNECT and, when allowed, hands the upgraded stream to the interceptor.
+fn handle_connect(mut req: Request<Incoming>, conn: ClientConn) -> Response<ProxyBody> {
+    let target = match connect_target(&req, &conn.state) {
+        Ok(t) => t,
+        Err((e, shown)) => {
+            log_connect_refused(&conn, &shown, 0, &e);
+            return e.response(&shown, false);
+        }
+    };
+    let shown = target.host.to_string();
+    let routes = conn.state.routes.load();
+    if !routes.covers(&target.host, target.port) {
+        let e = ProxyError::new(
+            ErrorKind::HostNotAllowed,
+            format!("{}:{} is not in the routes", target.host, target.port),
+        );
+        log_connect_refused(&conn, &shown, target.port, &e);
+        return e.response(&shown, false);
+    }
+    // The allowed CONNECT is logged when its tunnel closes, with what it carried.
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let started = Instant::now();
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => intercept::run(upgraded, target, conn, started).await,
+            Err(e) => tracing::debug!(conn = conn.id, error = %e, "CONNECT upgrade failed"),
+        }
+    });
+    let mut response = Response::new(empty_body());
+    *response.status_mut() = StatusCode::OK;
+    response
+}
+
+/// The CONNECT target, or the refusal (with the host as the agent wrote it, for the log).
+fn connect_target(
+    req: &Request<Incoming>,
+    state: &ProxyState,
+) -> Result<Authority, (ProxyError, String)> {
+    let bad = |why: &str, shown: &str| {
+        (
+            ProxyError::new(ErrorKind::BadRequest, format!("CONNECT target {why}")),
+            shown.to_owned(),
+        )
+    };
+    let uri = req.uri();
+    let Some(authority) = uri.authority() else {
+        return Err(bad("must be host:port", ""));
+    };
+    let raw = authority.as_str();
+    let shown: String = raw
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(255)
+        .collect();
+    if uri.scheme().is_some()
+        || uri
+            .path_and_query()
+            .is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty())
+    {
+        return Err(bad("must be host:port", &shown));
+    }
+    let host_part = raw.rsplit_once(':').map(|(h, _)| h).unwrap_or(raw);
+    if let Err(HostError::Numeric) = Host::parse(host_part) {
+        return Err((
+            ProxyError::new(
+                ErrorKind::DestinationNotAllowed,
+                format!("{shown}: an all-numeric host name is refused"),
+            ),
+            shown,
+        ));
+    }
+    let (host, port) = match parse_authority(raw) {
+        Some((h, Some(p))) => (h, p),
+        Some((_, None)) => return Err(bad("has no port", &shown)),
+        None => return Err(bad("is not a valid host:port", &shown)),
+    };
+    if let Some(ip) = host.ip()
+        && destination::is_own_listener(SocketAddr::new(ip, port), &state.own_listeners)
+    {
+        return Err((
+            ProxyError::new(
+                ErrorKind::DestinationNotAllowed,
+                format!("{shown} is the proxy itself"),
+            ),
+            shown,
+        ));
+    }
+    Ok(Authority { host, port })
+}

@@ -1,0 +1,214 @@
+//! The proxy's network plumbing: accepting agent connections ([`listener`]), terminating
+//! their TLS ([`intercept`]) and forwarding each request ([`forward`]).
+//!
+//! None of it decides policy: it asks [`crate::policy`] and the route table, and answers
+//! refusals through [`crate::error::ProxyError`]. What all connections share lives in
+//! [`ProxyState`].
+
+pub mod body;
+pub mod forward;
+pub mod intercept;
+pub mod listener;
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
+
+use crate::ca::LeafCache;
+use crate::routes::RouteTable;
+use crate::upstream::Upstream;
+
+/// Limits of SPEC §2 and §4a that the agent side enforces.
+#[derive(Debug, Clone)]
+pub struct ClientLimits {
+    /// CONNECT head, then the TLS handshake.
+    pub client_timeout: Duration,
+    /// No request in flight on a connection; also bounds a request head.
+    pub idle_timeout: Duration,
+    /// Longest silence inside a body (either way).
+    pub body_idle_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_connections: usize,
+    /// HTTP/2 concurrent streams per agent connection.
+    pub max_concurrent_streams: u32,
+}
+
+/// What every connection shares.
+pub struct ProxyState {
+    /// The routes in force; swapped whole on reload, read once per request.
+    pub routes: ArcSwap<RouteTable>,
+    pub leaves: LeafCache,
+    pub upstream: Arc<Upstream>,
+    pub limits: ClientLimits,
+    /// The proxy's own listeners: a CONNECT to one of them is refused.
+    pub own_listeners: Vec<SocketAddr>,
+    connection_slots: Arc<Semaphore>,
+    /// Flips to `true` when the proxy starts shutting down.
+    shutdown: watch::Sender<bool>,
+    next_connection_id: AtomicU64,
+    open_connections: AtomicUsize,
+}
+
+impl std::fmt::Debug for ProxyState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyState").finish_non_exhaustive()
+    }
+}
+
+impl ProxyState {
+    pub fn new(
+        routes: RouteTable,
+        leaves: LeafCache,
+        upstream: Arc<Upstream>,
+        limits: ClientLimits,
+        own_listeners: Vec<SocketAddr>,
+    ) -> Arc<ProxyState> {
+        Arc::new(ProxyState {
+            routes: ArcSwap::from_pointee(routes),
+            leaves,
+            upstream,
+            connection_slots: Arc::new(Semaphore::new(limits.max_connections)),
+            shutdown: watch::Sender::new(false),
+            limits,
+            own_listeners,
+            next_connection_id: AtomicU64::new(1),
+            open_connections: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.open_connections.load(Ordering::Relaxed)
+    }
+
+    /// Asks every connection to finish its in-flight requests and close.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    fn next_id(&self) -> u64 {
+        self.next_connection_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Tracks requests in flight on one agent connection, so an idle one can be closed.
+#[derive(Debug)]
+pub struct Activity {
+    in_flight: AtomicUsize,
+    /// When the connection last became idle, in ms since `epoch`.
+    idle_since_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl Activity {
+    pub fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            in_flight: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        })
+    }
+
+    /// Marks a request in flight until the returned guard is dropped.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    /// When the connection will have been idle for `idle`, or `None` while busy.
+    fn idle_deadline(&self, idle: Duration) -> Option<Instant> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let since = Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire));
+        Some(self.epoch + since + idle)
+    }
+}
+
+/// A request in flight; see [`Activity::begin`].
+#[derive(Debug)]
+pub struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let a = &self.0;
+        a.idle_since_ms
+            .store(a.epoch.elapsed().as_millis() as u64, Ordering::Release);
+        a.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Drives a server connection until it ends, closing it once it has had no request in
+/// flight for `idle`.
+/// `graceful` starts the connection's own graceful shutdown (hyper's `graceful_shutdown`),
+/// which the proxy's shutdown also triggers: in-flight requests finish, then it closes.
+pub async fn drive_connection<C, G>(
+    conn: C,
+    graceful: G,
+    activity: &Activity,
+    idle: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    C: Future,
+    G: Fn(Pin<&mut C>),
+{
+    let mut conn = std::pin::pin!(conn);
+    if *shutdown.borrow() {
+        graceful(conn.as_mut());
+    }
+    loop {
+        let deadline = activity
+            .idle_deadline(idle)
+            .unwrap_or_else(|| Instant::now() + idle);
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            changed = shutdown.changed() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    graceful(conn.as_mut());
+                    conn.as_mut().await;
+                    return;
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                if activity.idle_deadline(idle).is_some_and(|d| d <= Instant::now()) {
+                    graceful(conn.as_mut());
+                    // An idle connection closes at once; give a half-sent head a moment.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Counts an open agent connection for as long as it lives.
+#[derive(Debug)]
+struct OpenConnection {
+    state: Arc<ProxyState>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.state.open_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Who is on the other end of an agent connection.
+#[derive(Debug, Clone)]
+pub struct ClientConn {
+    pub id: u64,
+    pub client: SocketAddr,
+    pub state: Arc<ProxyState>,
+    pub activity: Arc<Activity>,
+    _open: Arc<OpenConnection>,
+}
