@@ -1,0 +1,195 @@
+//! The command line: `check`, `ca init`/`ca show`, and start-up failures that must stop
+//! the proxy before it listens, with one line naming the file, field or variable.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use common::*;
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_remove("HTTPS_PROXY")
+        .env_remove("https_proxy");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_accepts_the_orchestrators_json_and_the_example_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = write_file(
+        dir.path(),
+        "routes.yaml",
+        r#"{"routes": [{"host": "api.github.com", "path_allowlist": ["/repos/acme/widgets"], "auth_scheme": "Bearer", "token_env": "EGRESS_PROXY_TOKEN_0"}, {"host": "pypi.org"}]}"#,
+    );
+    let (code, out, err) = run(
+        &["check", json.to_str().unwrap()],
+        &[("EGRESS_PROXY_TOKEN_0", "t")],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("2 routes"), "{out}");
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/routes.example.yaml");
+    let env: Vec<(String, String)> = (0..8)
+        .map(|i| (format!("EGRESS_PROXY_TOKEN_{i}"), format!("tok{i}")))
+        .collect();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let secret = write_file(dir.path(), "secret", "from-a-file\n");
+    let mut env = env;
+    env.push(("EXAMPLE_TOKEN_FILE", secret.to_str().unwrap()));
+    let text = std::fs::read_to_string(example)
+        .unwrap()
+        .replace("/run/secrets/gitlab-token", secret.to_str().unwrap());
+    let copy = write_file(dir.path(), "example.yaml", &text);
+    let (code, _, err) = run(&["check", copy.to_str().unwrap()], &env);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn check_names_the_route_field_and_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    for (text, env, expect) in [
+        (
+            "routes:\n  - host: a.test\n    hots: b\n",
+            vec![],
+            "unknown field",
+        ),
+        (
+            "routes:\n  - host: a.test\n  - host: \"*.com\"\n",
+            vec![],
+            "routes[1].host",
+        ),
+        (
+            "routes:\n  - host: a.test\n    auth_scheme: Bearer\n    token_env: MISSING_VAR\n",
+            vec![],
+            "MISSING_VAR is not set",
+        ),
+        (
+            "routes:\n  - host: a.test\n    auth_scheme: Bearer\n    token_env: EMPTY_VAR\n",
+            vec![("EMPTY_VAR", "")],
+            "EMPTY_VAR is empty",
+        ),
+        ("routes: [\n", vec![], "routes.yaml"),
+    ] {
+        let p = write_file(dir.path(), "routes.yaml", text);
+        let (code, _, err) = run(&["check", p.to_str().unwrap()], &env);
+        assert_eq!(code, 1, "{text}");
+        assert!(err.contains(expect), "{text:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(err.contains(p.to_str().unwrap()), "names the file: {err}");
+    }
+}
+
+#[test]
+fn start_up_fails_before_listening_and_never_prints_a_token() {
+    let routes = "routes:\n  - host: a.test\n    auth_scheme: Bearer\n    token_env: TOKEN_A\n  - host: b.test\n    auth_scheme: Bearer\n    token_env: TOKEN_B\n";
+    let err = ProxyBuilder::new(routes)
+        .env("TOKEN_A", "supersecret-a")
+        .try_start()
+        .err()
+        .unwrap();
+    assert!(err.contains("TOKEN_B"), "{err}");
+    assert!(!err.contains("supersecret-a"), "{err}");
+    let err = ProxyBuilder::new("routes:\n  - host: a.test\n")
+        .arg("--listen")
+        .arg("not-an-address")
+        .try_start()
+        .err()
+        .unwrap();
+    assert!(err.contains("--listen"), "{err}");
+    let err = ProxyBuilder::new("routes:\n  - host: a.test\n")
+        .arg("--upstream-ca")
+        .arg("/nonexistent/ca.pem")
+        .try_start()
+        .err()
+        .unwrap();
+    assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+}
+
+#[test]
+fn ca_init_show_and_reuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = dir.path().join("ca");
+    let ca = ca_dir.to_str().unwrap();
+    let (code, out, err) = run(&["ca", "init", "--ca-dir", ca], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), ca_dir.join("ca-cert.pem").to_str().unwrap());
+    let mode = std::fs::metadata(ca_dir.join("ca-key.pem"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let (code, shown, _) = run(&["ca", "show", "--ca-dir", ca], &[]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        shown,
+        std::fs::read_to_string(ca_dir.join("ca-cert.pem")).unwrap()
+    );
+    let (_, again, _) = run(&["ca", "init"], &[("EGRESS_PROXY_CA_DIR", ca)]);
+    assert_eq!(again.trim(), out.trim(), "the CA is reused, not re-minted");
+    assert_eq!(run(&["ca", "show", "--ca-dir", ca], &[]).1, shown);
+    // A key other users can read is refused, naming the file and its mode.
+    std::fs::set_permissions(
+        ca_dir.join("ca-key.pem"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let (code, _, err) = run(&["ca", "show", "--ca-dir", ca], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("ca-key.pem") && err.contains("0644"), "{err}");
+    let (code, _, err) = run(
+        &[
+            "ca",
+            "show",
+            "--ca-dir",
+            dir.path().join("none").to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 1, "{err}");
+}
+
+#[test]
+fn ca_export_writes_certificate_and_bundle() {
+    let dir = tempfile::tempdir().unwrap();
+    let export = dir.path().join("export");
+    let proxy = ProxyBuilder::new("routes:\n  - host: a.test\n")
+        .arg("--ca-export")
+        .arg(export.to_str().unwrap())
+        .start();
+    let cert = std::fs::read_to_string(export.join("ca-cert.pem")).unwrap();
+    let bundle = std::fs::read_to_string(export.join("ca-bundle.pem")).unwrap();
+    assert_eq!(cert, proxy.ca_pem);
+    assert!(bundle.starts_with(&cert));
+    assert!(
+        bundle.matches("BEGIN CERTIFICATE").count() > 100,
+        "public roots follow the bottle CA"
+    );
+}
+
+#[test]
+fn flags_beat_variables() {
+    let routes = "routes:\n  - host: a.test\n";
+    let err = ProxyBuilder::new(routes)
+        .env("EGRESS_PROXY_MAX_HEADER_BYTES", "10")
+        .try_start()
+        .err()
+        .unwrap();
+    assert!(err.contains("--max-header-bytes"), "{err}");
+    // The flag wins over the same (broken) variable.
+    ProxyBuilder::new(routes)
+        .env("EGRESS_PROXY_MAX_HEADER_BYTES", "10")
+        .arg("--max-header-bytes")
+        .arg("65536")
+        .start();
+}
