@@ -677,7 +677,7 @@ async fn plain_http_forwarding_and_cleartext_refusal() {
         .await;
     assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
     assert!(ok.ends_with("plain ok"), "{ok}");
-    assert_eq!(seen.lock().unwrap().as_slice(), [format!("/x?y=1 None")]);
+    assert_eq!(seen.lock().unwrap().as_slice(), ["/x?y=1 None".to_string()]);
     let refused = proxy
         .raw(format!("GET http://secret.test:{port}/x HTTP/1.1\r\nHost: secret.test:{port}\r\nConnection: close\r\n\r\n").as_bytes())
         .await;
