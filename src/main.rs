@@ -62,6 +62,10 @@ fn init_logging(format: LogFormat) {
             .with_current_span(false)
             .with_span_list(false)
             .init(),
-        LogFormat::Text => builder.compact().init(),
+        LogFormat::Text => {
+            // Colour only for a person at a terminal, never into a log file.
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            builder.compact().with_ansi(ansi).init()
+        }
     }
 }

@@ -307,7 +307,7 @@ struct RequestRecord {
     path: String,
     route: Option<usize>,
     decision: &'static str,
-    reason: &'static str,
+    reason: Option<&'static str>,
     detail: Option<String>,
     status: u16,
     bytes_up: Arc<AtomicU64>,
@@ -332,7 +332,7 @@ impl RequestRecord {
             path: req.uri().path().to_owned(),
             route: None,
             decision: "allow",
-            reason: "",
+            reason: None,
             detail: None,
             status: 0,
             bytes_up: Arc::new(AtomicU64::new(0)),
@@ -352,7 +352,7 @@ impl RequestRecord {
     }
 
     fn set_error(&mut self, e: &ProxyError) {
-        self.reason = e.kind.code();
+        self.reason = Some(e.kind.code());
         self.status = e.kind.status().as_u16();
         self.detail = Some(e.reason.clone());
     }
