@@ -300,3 +300,37 @@ mod tests {
         assert!(!p.matches(&Host::parse("127.0.0.1").unwrap()));
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn parse_never_panics(s in "\\PC*") {
+            let _ = Host::parse(&s);
+            let _ = HostPattern::parse(&s);
+        }
+
+        #[test]
+        fn case_and_trailing_dot_do_not_matter(name in "[a-z][a-z0-9-]{0,10}(\\.[a-z][a-z0-9-]{0,10}){1,3}") {
+            let a = Host::parse(&name).unwrap();
+            prop_assert_eq!(&a, &Host::parse(&name.to_uppercase()).unwrap());
+            prop_assert_eq!(&a, &Host::parse(&format!("{name}.")).unwrap());
+        }
+
+        #[test]
+        fn wildcard_matches_subdomains_on_a_label_boundary(
+            label in "[a-z][a-z0-9]{0,8}",
+            base in "[a-z][a-z0-9]{2,8}\\.example",
+        ) {
+            let p = HostPattern::parse(&format!("*.{base}")).unwrap();
+            let sub = format!("{label}.{base}");
+            let glued = format!("{label}{base}");
+            prop_assert!(p.matches(&Host::parse(&sub).unwrap()));
+            prop_assert!(!p.matches(&Host::parse(&base).unwrap()));
+            prop_assert!(!p.matches(&Host::parse(&glued).unwrap()));
+        }
+    }
+}

@@ -490,3 +490,83 @@ mod tests {
         assert!(!m(&pattern, &path));
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Path-ish strings: segments drawn from a small alphabet rich in the characters the
+    /// check cares about (dots, slashes, percent signs, semicolons, backslashes).
+    fn pathish() -> impl Strategy<Value = String> {
+        proptest::collection::vec(
+            prop_oneof![
+                Just("/".to_string()),
+                Just(".".to_string()),
+                Just("..".to_string()),
+                Just("%2e".to_string()),
+                Just("%2F".to_string()),
+                Just("%5c".to_string()),
+                Just(";".to_string()),
+                Just("%".to_string()),
+                Just("\\".to_string()),
+                "[a-z0-9]{1,3}",
+            ],
+            0..12,
+        )
+        .prop_map(|parts| parts.concat())
+    }
+
+    fn valid_segment() -> impl Strategy<Value = String> {
+        "[a-zA-Z0-9_~-]{1,8}(%2[fF][a-z]{1,3})?"
+    }
+
+    proptest! {
+        #[test]
+        fn check_never_panics(s in "\\PC*") {
+            let _ = check_request_path(&s);
+        }
+
+        #[test]
+        fn accepted_paths_have_no_dot_pieces_or_empty_segments(s in pathish()) {
+            if check_request_path(&s).is_ok() {
+                let body = &s[1..];
+                let segs: Vec<&str> = body.split('/').collect();
+                for (i, seg) in segs.iter().enumerate() {
+                    prop_assert!(!seg.is_empty() || i + 1 == segs.len());
+                    for piece in pieces(seg) {
+                        prop_assert!(!is_dot_piece(piece));
+                    }
+                }
+                prop_assert!(!s.contains('\\'));
+            }
+        }
+
+        #[test]
+        fn literal_prefix_of_a_path_matches_it(segs in proptest::collection::vec(valid_segment(), 1..6), k in 0usize..6) {
+            let path = format!("/{}", segs.join("/"));
+            prop_assert!(check_request_path(&path).is_ok());
+            let k = k.min(segs.len());
+            let pattern = format!("/{}", segs[..k].join("/"));
+            prop_assert!(PathPattern::parse(&pattern).unwrap().matches(&path));
+            // And `**` matches every accepted path.
+            prop_assert!(PathPattern::parse("/**").unwrap().matches(&path));
+        }
+
+        #[test]
+        fn a_different_literal_never_matches(segs in proptest::collection::vec(valid_segment(), 1..6)) {
+            let path = format!("/{}", segs.join("/"));
+            let pattern = format!("/{}x", segs.join("/"));
+            prop_assert!(!PathPattern::parse(&pattern).unwrap().matches(&path));
+        }
+
+        #[test]
+        fn star_matches_exactly_one_segment(segs in proptest::collection::vec("[a-z]{1,5}", 1..6)) {
+            let path = format!("/{}", segs.join("/"));
+            let stars = format!("/{}", vec!["*"; segs.len()].join("/"));
+            prop_assert!(PathPattern::parse(&stars).unwrap().matches(&path));
+            let one_more = format!("{stars}/*");
+            prop_assert!(!PathPattern::parse(&one_more).unwrap().matches(&path));
+        }
+    }
+}
