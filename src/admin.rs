@@ -1,5 +1,5 @@
-//! The admin listener (SPEC §6): health and readiness for the orchestrator, and the
-//! bottle CA for agents that fetch it over HTTP.
+//! The admin listener (SPEC §6): health and readiness for the orchestrator, Prometheus
+//! metrics, and the bottle CA for agents that fetch it over HTTP.
 //!
 //! Kept apart from the proxy listener so the agent's port never serves anything but
 //! proxying, and so probes keep answering while the proxy port is saturated.
@@ -44,7 +44,7 @@ pub async fn serve(listener: TcpListener, state: Arc<ProxyState>, bundle_pem: By
 
 fn route(
     req: &Request<Incoming>,
-    _state: &ProxyState,
+    state: &ProxyState,
     ca_pem: &Bytes,
     bundle_pem: &Bytes,
 ) -> Response<ProxyBody> {
@@ -59,6 +59,11 @@ fn route(
         // The proxy serves from the moment this listener is up: routes and CA are loaded
         // before either listener binds.
         "/healthz" | "/readyz" => text(StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
+        "/metrics" => text(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Bytes::from(state.metrics.render()),
+        ),
         "/ca.pem" => text(StatusCode::OK, "application/x-pem-file", ca_pem.clone()),
         "/ca-bundle.pem" => text(StatusCode::OK, "application/x-pem-file", bundle_pem.clone()),
         _ => text(

@@ -1,16 +1,20 @@
 //! Start-up and shutdown: everything that must succeed before the proxy listens (routes,
-//! CA, listeners), then serving until SIGTERM/SIGINT, then draining in-flight requests
-//! for up to the grace period.
+//! CA, listeners), then serving (SIGHUP reloads the routes) until SIGTERM/SIGINT, then
+//! draining in-flight requests for up to the grace period.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook_tokio::Signals;
 use tokio::net::TcpListener;
 
 use crate::ca::{BottleCa, CaOrigin, LeafCache};
 use crate::config::Config;
 use crate::proxy::{ClientLimits, ProxyState};
+use crate::reload::{Reloader, Trigger};
 use crate::upstream::{Upstream, UpstreamSettings};
 
 /// Leaf configurations kept at once (one per intercepted host).
@@ -18,6 +22,9 @@ const LEAF_CACHE_CAPACITY: usize = 1024;
 
 /// Runs the proxy until a shutdown signal; an `Err` is a start-up failure, one line.
 pub async fn run(config: Config) -> Result<(), String> {
+    // Handlers first: a SIGHUP that arrived before them would end the process.
+    let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT])
+        .map_err(|e| format!("installing signal handlers: {e}"))?;
     let routes = crate::reload::load_routes(&config.routes)?;
     if let Some(proxy) = &config.upstream_proxy {
         return Err(format!(
@@ -74,13 +81,22 @@ pub async fn run(config: Config) -> Result<(), String> {
         "egress-proxy serving"
     );
     tokio::spawn(crate::admin::serve(admin, state.clone(), bundle));
-    let mut signals = Signals::new()?;
-    crate::proxy::listener::serve(listener, state.clone(), signals.next()).await;
+    let reloader = Reloader::start(state.clone(), config.routes.clone())?;
+    let until_stop = async {
+        while let Some(signal) = signals.next().await {
+            if signal == SIGHUP {
+                reloader.trigger(Trigger::Signal);
+            } else {
+                return;
+            }
+        }
+    };
+    crate::proxy::listener::serve(listener, state.clone(), until_stop).await;
     drain(&state, config.shutdown_grace, &mut signals).await;
     Ok(())
 }
 
-/// Lets in-flight requests finish for up to `grace`; a second signal ends it at once.
+/// Lets in-flight requests finish for up to `grace`; a second SIGTERM/SIGINT ends it at once.
 async fn drain(state: &ProxyState, grace: Duration, signals: &mut Signals) {
     tracing::info!(
         event = "shutdown",
@@ -97,7 +113,7 @@ async fn drain(state: &ProxyState, grace: Duration, signals: &mut Signals) {
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => break,
             _ = tokio::time::sleep(Duration::from_millis(25)) => {}
-            _ = signals.next() => break,
+            s = signals.next() => if s != Some(SIGHUP) { break },
         }
     }
     tracing::info!(
@@ -105,28 +121,6 @@ async fn drain(state: &ProxyState, grace: Duration, signals: &mut Signals) {
         open_connections = state.open_connections(),
         "egress-proxy stopped"
     );
-}
-
-struct Signals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn new() -> Result<Signals, String> {
-        use tokio::signal::unix::{SignalKind, signal};
-        Ok(Signals {
-            term: signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?,
-            int: signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?,
-        })
-    }
-
-    async fn next(&mut self) {
-        tokio::select! {
-            _ = self.term.recv() => {}
-            _ = self.int.recv() => {}
-        }
-    }
 }
 
 /// `http://user:pass@host` → `http://***@host`, for messages.

@@ -16,11 +16,11 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
+use prometheus_client::metrics::counter::Counter;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
@@ -368,8 +368,8 @@ pub struct LeafCache {
     ticketer: Arc<dyn ProducesTickets>,
     capacity: usize,
     entries: Mutex<(HashMap<Host, CachedLeaf>, u64)>,
-    hits: AtomicU64,
-    misses: AtomicU64,
+    hits: Counter,
+    misses: Counter,
 }
 
 impl std::fmt::Debug for LeafCache {
@@ -402,8 +402,8 @@ impl LeafCache {
             ticketer,
             capacity: capacity.max(1),
             entries: Mutex::new((HashMap::new(), 0)),
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
+            hits: Counter::default(),
+            misses: Counter::default(),
         })
     }
 
@@ -412,11 +412,16 @@ impl LeafCache {
     }
 
     pub fn hits(&self) -> u64 {
-        self.hits.load(Ordering::Relaxed)
+        self.hits.get()
     }
 
     pub fn misses(&self) -> u64 {
-        self.misses.load(Ordering::Relaxed)
+        self.misses.get()
+    }
+
+    /// The hit and miss counters, for the metrics registry.
+    pub fn counters(&self) -> (Counter, Counter) {
+        (self.hits.clone(), self.misses.clone())
     }
 
     /// The TLS server configuration presenting a leaf for exactly `host`.
@@ -431,11 +436,11 @@ impl LeafCache {
                 && entry.renew_at > now
             {
                 entry.last_used = tick;
-                self.hits.fetch_add(1, Ordering::Relaxed);
+                self.hits.inc();
                 return Ok(entry.config.clone());
             }
         }
-        self.misses.fetch_add(1, Ordering::Relaxed);
+        self.misses.inc();
         // Minted outside the lock: a signature is the slow part, and tunnels to other
         // hosts must not wait for it.
         let config = self.build_config(host, now)?;

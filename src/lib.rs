@@ -11,6 +11,7 @@ pub mod ca;
 pub mod config;
 pub mod destination;
 pub mod error;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod reload;

@@ -1,16 +1,31 @@
-//! Loading the routes file from disk, with the process environment as the token source.
+//! Loading the routes file, and reloading it while the proxy runs (SPEC §5).
 //!
-//! Used at start-up, by `check`, and on every reload: a file is read, parsed and
-//! validated completely and its tokens are read, or the whole attempt fails with one
-//! line naming the file and what is wrong. (The SIGHUP and file-watch triggers that swap
-//! a freshly loaded table in come with the live-operations work.)
+//! A load reads, parses and validates the whole file and reads every token it names, or
+//! fails with one line naming the file and what is wrong. A reload does a load and, only
+//! when it succeeded, swaps the new table in atomically: every request decided after the
+//! swap (on new and already open tunnels) sees the new routes, requests in flight finish
+//! under the table they started with, and an invalid file leaves the old routes in force.
+//!
+//! Triggers: SIGHUP (always reloads, re-reading tokens), and any change in the routes
+//! file's directory (debounced, and only when the file's bytes changed). Watching the
+//! directory rather than the file is what makes an editor's rename-and-replace, a
+//! `docker cp` and a Kubernetes ConfigMap's `..data` symlink swap all visible.
 
 use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
+use notify::Watcher;
+use tokio::sync::mpsc;
+
+use crate::proxy::ProxyState;
 use crate::routes::{RouteTable, SecretSource};
+
+/// Events closer together than this are one change (an editor writes in several steps).
+const DEBOUNCE: Duration = Duration::from_millis(150);
 
 /// A routes file larger than this is refused before parsing.
 const MAX_ROUTES_FILE_BYTES: u64 = 4 * 1024 * 1024;
@@ -42,18 +57,18 @@ fn read_limited(path: &Path) -> io::Result<String> {
 /// One line for a file that could not be read; for a permission problem it names the
 /// file's owner and mode and who we run as, the usual container mistake.
 fn describe_read_error(path: &Path, e: &io::Error) -> String {
-    if e.kind() == io::ErrorKind::PermissionDenied {
-        if let Ok(meta) = fs::metadata(path) {
-            // SAFETY: geteuid and getegid cannot fail and touch no memory.
-            let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
-            return format!(
-                "{}: permission denied (owner uid {} gid {}, mode {:04o}; egress-proxy runs as uid {uid} gid {gid}): make it readable by that user, e.g. mount its directory or docker cp -a a file owned by it",
-                path.display(),
-                meta.uid(),
-                meta.gid(),
-                meta.mode() & 0o7777
-            );
-        }
+    if e.kind() == io::ErrorKind::PermissionDenied
+        && let Ok(meta) = fs::metadata(path)
+    {
+        // SAFETY: geteuid and getegid cannot fail and touch no memory.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        return format!(
+            "{}: permission denied (owner uid {} gid {}, mode {:04o}; egress-proxy runs as uid {uid} gid {gid}): make it readable by that user, e.g. mount its directory or docker cp -a a file owned by it",
+            path.display(),
+            meta.uid(),
+            meta.gid(),
+            meta.mode() & 0o7777
+        );
     }
     format!("{}: {e}", path.display())
 }
@@ -62,4 +77,121 @@ fn describe_read_error(path: &Path, e: &io::Error) -> String {
 pub fn load_routes(path: &Path) -> Result<RouteTable, String> {
     let text = read_limited(path).map_err(|e| describe_read_error(path, &e))?;
     RouteTable::from_text(&text, &ProcessSecrets).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// What asked for a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Signal,
+    FileChange,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Signal => "sighup",
+            Trigger::FileChange => "file_change",
+        }
+    }
+}
+
+/// Handle to the reload task: send it a trigger.
+#[derive(Debug, Clone)]
+pub struct Reloader {
+    tx: mpsc::Sender<Trigger>,
+}
+
+impl Reloader {
+    /// Starts the reload task and the directory watch. `initial` is the text the
+    /// running table was loaded from, so an unchanged file is not reloaded.
+    pub fn start(state: Arc<ProxyState>, path: PathBuf) -> Result<Reloader, String> {
+        let (tx, rx) = mpsc::channel::<Trigger>(64);
+        let watch_tx = tx.clone();
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if event.is_ok() {
+                    let _ = watch_tx.try_send(Trigger::FileChange);
+                }
+            })
+            .map_err(|e| format!("watching {}: {e}", dir.display()))?;
+        watcher
+            .watch(&dir, notify::RecursiveMode::NonRecursive)
+            .map_err(|e| format!("watching {}: {e}", dir.display()))?;
+        let initial = fs::read(&path).ok();
+        tokio::spawn(run(state, path, rx, watcher, initial));
+        Ok(Reloader { tx })
+    }
+
+    /// Asks for a reload (SIGHUP).
+    pub fn trigger(&self, trigger: Trigger) {
+        let _ = self.tx.try_send(trigger);
+    }
+}
+
+async fn run(
+    state: Arc<ProxyState>,
+    path: PathBuf,
+    mut rx: mpsc::Receiver<Trigger>,
+    _watcher: notify::RecommendedWatcher,
+    mut last_bytes: Option<Vec<u8>>,
+) {
+    while let Some(first) = rx.recv().await {
+        // A file change waits out the debounce window and collects whatever else arrived;
+        // a signal among them (or first) makes it a forced reload, at once.
+        let mut trigger = first;
+        if trigger == Trigger::FileChange {
+            let window = tokio::time::sleep(DEBOUNCE);
+            tokio::pin!(window);
+            loop {
+                tokio::select! {
+                    _ = &mut window => break,
+                    next = rx.recv() => match next {
+                        Some(Trigger::Signal) => { trigger = Trigger::Signal; break }
+                        Some(Trigger::FileChange) => {}
+                        None => return,
+                    },
+                }
+            }
+        }
+        while let Ok(t) = rx.try_recv() {
+            if t == Trigger::Signal {
+                trigger = Trigger::Signal;
+            }
+        }
+        let bytes = fs::read(&path).ok();
+        if trigger == Trigger::FileChange && bytes.is_some() && bytes == last_bytes {
+            continue;
+        }
+        if trigger == Trigger::FileChange && bytes.is_none() && last_bytes.is_none() {
+            continue;
+        }
+        last_bytes = bytes;
+        reload(&state, &path, trigger).await;
+    }
+}
+
+/// Loads the file and swaps it in when valid; logs one `reload` event either way.
+pub async fn reload(state: &ProxyState, path: &Path, trigger: Trigger) -> bool {
+    let owned = path.to_path_buf();
+    let loaded = tokio::task::spawn_blocking(move || load_routes(&owned))
+        .await
+        .unwrap_or_else(|e| Err(format!("reload task failed: {e}")));
+    match loaded {
+        Ok(table) => {
+            let n = table.routes().len();
+            state.routes.store(Arc::new(table));
+            state.metrics.count_reload(true);
+            tracing::info!(event = "reload", result = "ok", trigger = trigger.as_str(), routes = n, routes_file = %path.display(), "routes reloaded");
+            true
+        }
+        Err(reason) => {
+            state.metrics.count_reload(false);
+            tracing::warn!(event = "reload", result = "error", trigger = trigger.as_str(), reason = %reason, routes_file = %path.display(), "routes file invalid; keeping the routes in force");
+            false
+        }
+    }
 }

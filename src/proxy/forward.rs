@@ -298,6 +298,7 @@ fn rewrite_response_headers(headers: &mut HeaderMap, switching: bool) {
 /// The audit record of one request, logged once when dropped (after the response body
 /// has been sent, or at once for a refusal).
 struct RequestRecord {
+    metrics: Arc<crate::metrics::Metrics>,
     conn: u64,
     client: SocketAddr,
     host: String,
@@ -324,6 +325,7 @@ impl RequestRecord {
         started: Instant,
     ) -> Self {
         RequestRecord {
+            metrics: conn.state.metrics.clone(),
             conn: conn.id,
             client: conn.client,
             host: host.to_owned(),
@@ -347,6 +349,8 @@ impl RequestRecord {
     }
 
     fn failed(mut self, e: &ProxyError) {
+        self.metrics
+            .count_upstream_error(e.kind.proxy_status_error());
         self.decision = "error";
         self.set_error(e);
     }
@@ -360,6 +364,13 @@ impl RequestRecord {
 
 impl Drop for RequestRecord {
     fn drop(&mut self) {
+        let (up, down) = (
+            self.bytes_up.load(Ordering::Relaxed),
+            self.bytes_down.load(Ordering::Relaxed),
+        );
+        self.metrics
+            .count_request(self.decision, self.reason.unwrap_or("ok"));
+        self.metrics.count_bytes(up, down);
         tracing::info!(
             target: "egress_proxy::audit",
             event = "request",
@@ -374,8 +385,8 @@ impl Drop for RequestRecord {
             reason = self.reason,
             detail = self.detail.as_deref(),
             status = self.status,
-            bytes_up = self.bytes_up.load(Ordering::Relaxed),
-            bytes_down = self.bytes_down.load(Ordering::Relaxed),
+            bytes_up = up,
+            bytes_down = down,
             duration_ms = self.started.elapsed().as_millis() as u64,
         );
     }

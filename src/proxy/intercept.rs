@@ -58,22 +58,26 @@ pub async fn run(upgraded: Upgraded, authority: Authority, conn: ClientConn, sta
     )
     .await
     .unwrap_or_else(|_| Err(TlsFailure::Handshake("TLS handshake timed out".into())));
+    let metrics = state.metrics.clone();
     let outcome = match handshake {
         Err(f) => Some(f),
         Ok(tls) => {
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            serve_http(
-                tls,
-                h2,
-                Arc::new(Tunnel {
-                    conn: conn.clone(),
-                    authority: authority.clone(),
-                }),
-            )
-            .await;
+            let tunnel = Arc::new(Tunnel {
+                conn: conn.clone(),
+                authority: authority.clone(),
+            });
+            metrics.open_tunnels.inc();
+            serve_http(tls, h2, tunnel).await;
+            metrics.open_tunnels.dec();
             None
         }
     };
+    match &outcome {
+        None => metrics.count_connect("allow", "ok"),
+        Some(TlsFailure::Misdirected(_)) => metrics.count_connect("deny", "misdirected"),
+        Some(TlsFailure::Handshake(_)) => metrics.count_connect("allow", "tls_handshake_failed"),
+    }
     let (up, down) = (
         counters.read.load(Ordering::Relaxed),
         counters.written.load(Ordering::Relaxed),

@@ -8,7 +8,6 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use http::{Method, Request, Response, StatusCode};
@@ -52,7 +51,7 @@ pub async fn serve(
             tokio::spawn(refuse_over_limit(stream, client, state.clone()));
             continue;
         };
-        state.open_connections.fetch_add(1, Ordering::Relaxed);
+        state.metrics.open_connections.inc();
         let conn = ClientConn {
             id: state.next_id(),
             client,
@@ -79,6 +78,7 @@ async fn refuse_over_limit(mut stream: TcpStream, client: SocketAddr, state: Arc
             state.limits.max_connections
         ),
     );
+    state.metrics.count_connect("deny", e.kind.code());
     tracing::warn!(target: "egress_proxy::audit", event = "connect", client = %client, decision = "deny", reason = e.kind.code(), status = 503u16);
     // No HTTP server runs on this connection, so the one response is written by hand.
     let (parts, body) = e.response("", true).into_parts();
@@ -139,6 +139,7 @@ async fn handle(req: Request<Incoming>, conn: ClientConn) -> Response<ProxyBody>
 
 /// Logs a refused CONNECT.
 fn log_connect_refused(conn: &ClientConn, target: &str, port: u16, e: &ProxyError) {
+    conn.state.metrics.count_connect("deny", e.kind.code());
     tracing::info!(
         target: "egress_proxy::audit",
         event = "connect", conn = conn.id, client = %conn.client, host = target, port,

@@ -21,6 +21,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 
 use crate::ca::LeafCache;
+use crate::metrics::Metrics;
 use crate::routes::RouteTable;
 use crate::upstream::Upstream;
 
@@ -48,11 +49,11 @@ pub struct ProxyState {
     pub limits: ClientLimits,
     /// The proxy's own listeners: a CONNECT to one of them is refused.
     pub own_listeners: Vec<SocketAddr>,
+    pub metrics: Arc<Metrics>,
     connection_slots: Arc<Semaphore>,
     /// Flips to `true` when the proxy starts shutting down.
     shutdown: watch::Sender<bool>,
     next_connection_id: AtomicU64,
-    open_connections: AtomicUsize,
 }
 
 impl std::fmt::Debug for ProxyState {
@@ -69,7 +70,9 @@ impl ProxyState {
         limits: ClientLimits,
         own_listeners: Vec<SocketAddr>,
     ) -> Arc<ProxyState> {
+        let (hits, misses) = leaves.counters();
         Arc::new(ProxyState {
+            metrics: Arc::new(Metrics::new(hits, misses)),
             routes: ArcSwap::from_pointee(routes),
             leaves,
             upstream,
@@ -78,12 +81,11 @@ impl ProxyState {
             limits,
             own_listeners,
             next_connection_id: AtomicU64::new(1),
-            open_connections: AtomicUsize::new(0),
         })
     }
 
     pub fn open_connections(&self) -> usize {
-        self.open_connections.load(Ordering::Relaxed)
+        self.metrics.open_connections.get().max(0) as usize
     }
 
     /// Asks every connection to finish its in-flight requests and close.
@@ -199,7 +201,7 @@ struct OpenConnection {
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        self.state.open_connections.fetch_sub(1, Ordering::Relaxed);
+        self.state.metrics.open_connections.dec();
     }
 }
 

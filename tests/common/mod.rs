@@ -373,6 +373,7 @@ pub struct Proxy {
 
 pub struct ProxyBuilder {
     routes: String,
+    routes_path: Option<PathBuf>,
     args: Vec<String>,
     env: Vec<(String, String)>,
 }
@@ -381,9 +382,16 @@ impl ProxyBuilder {
     pub fn new(routes: &str) -> Self {
         ProxyBuilder {
             routes: routes.to_owned(),
+            routes_path: None,
             args: Vec::new(),
             env: Vec::new(),
         }
+    }
+
+    /// Uses this routes file as it is instead of writing one.
+    pub fn routes_path(mut self, path: PathBuf) -> Self {
+        self.routes_path = Some(path);
+        self
     }
 
     pub fn arg(mut self, a: impl Into<String>) -> Self {
@@ -419,8 +427,14 @@ impl ProxyBuilder {
     /// Starts the proxy; `Err` carries its stderr when it exits instead of listening.
     pub fn try_start(self) -> Result<Proxy, String> {
         let dir = tempfile::tempdir().unwrap();
-        let routes = dir.path().join("routes.yaml");
-        std::fs::write(&routes, &self.routes).unwrap();
+        let routes = match &self.routes_path {
+            Some(p) => p.clone(),
+            None => {
+                let p = dir.path().join("routes.yaml");
+                std::fs::write(&p, &self.routes).unwrap();
+                p
+            }
+        };
         let (port, admin_port) = (free_port(), free_port());
         let mut cmd = Command::new(BIN);
         cmd.arg("--listen")

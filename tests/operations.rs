@@ -1,0 +1,632 @@
+//! Live operations (SPEC §5, §6): hot reload by SIGHUP and by file change, reload under
+//! load, graceful shutdown, the admin endpoints, and logs and metrics free of secrets.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::Request;
+use http_body_util::BodyExt;
+
+const TOKEN: &str = "ops-secret-token-77";
+
+/// Routes allowing `paths` on api.test (with a token) and, when `with_b`, b.test too.
+fn routes(port: u16, paths: &[&str], with_b: bool) -> String {
+    let paths = paths
+        .iter()
+        .map(|p| format!("\"{p}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut r = format!(
+        "routes:\n  - host: api.test\n    ports: [{port}]\n    path_allowlist: [{paths}]\n    auth_scheme: Bearer\n    token_env: OPS_TOKEN\n"
+    );
+    if with_b {
+        r.push_str(&format!("  - host: b.test\n    ports: [{port}]\n"));
+    }
+    r
+}
+
+/// Replaces a file the way an editor or `docker cp` does: write beside it, rename over it.
+fn replace_file(path: &Path, content: &str) {
+    let tmp = path.with_extension("tmp-write");
+    std::fs::write(&tmp, content).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+async fn admin_get(proxy: &Proxy, path: &str) -> (u16, String) {
+    let tcp = tokio::net::TcpStream::connect(proxy.admin).await.unwrap();
+    let (mut s, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let r = s
+        .send_request(
+            Request::builder()
+                .uri(path)
+                .header("host", "admin")
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The value of one sample line in a metrics exposition (0 when absent).
+fn metric(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            l.strip_prefix(sample)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+async fn reloads_ok(proxy: &Proxy) -> f64 {
+    metric(
+        &admin_get(proxy, "/metrics").await.1,
+        "egress_proxy_reloads_total{result=\"ok\"}",
+    )
+}
+
+/// Polls `f` every 25 ms until it is true or `limit` passes; how long it took.
+async fn within<F, Fut>(limit: Duration, mut f: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f().await {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    None
+}
+
+async fn complete_200(r: Result<http::Response<hyper::body::Incoming>, hyper::Error>) -> bool {
+    match r {
+        Ok(r) if r.status() == 200 => r.into_body().collect().await.is_ok(),
+        _ => false,
+    }
+}
+
+async fn connect_status(proxy: &Proxy, target: &str) -> u16 {
+    proxy.connect(target).await.0
+}
+
+#[tokio::test]
+async fn sighup_reload_adds_routes_and_rereads_token_files() {
+    let ca = TestCa::new("ca");
+    let up = Upstream::start(&ca, &["api.test", "b.test"], &[b"http/1.1"]).await;
+    let port = up.port();
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = secrets.path().join("token");
+    std::fs::write(&token_file, "first-token\n").unwrap();
+    let text = |with_b: bool| {
+        let mut r = format!(
+            "routes:\n  - host: api.test\n    ports: [{port}]\n    auth_scheme: Bearer\n    token_file: {}\n",
+            token_file.display()
+        );
+        if with_b {
+            r.push_str(&format!("  - host: b.test\n    ports: [{port}]\n"));
+        }
+        r
+    };
+    let proxy = ProxyBuilder::new(&text(false))
+        .upstream(&ca, &[("api.test", port), ("b.test", port)])
+        .start();
+    let b = format!("b.test:{port}");
+    assert_eq!(connect_status(&proxy, &b).await, 403);
+
+    // A rotated secret outside the routes directory: only SIGHUP re-reads it.
+    std::fs::write(&token_file, "rotated-token\n").unwrap();
+    proxy.signal("HUP");
+    let auth = || async {
+        let mut c = h1(proxy.tunnel("api.test", port, &[b"http/1.1"]).await).await;
+        let (_, _, body) = collect(
+            c.send_request(
+                get(&format!("api.test:{port}"), "/x")
+                    .body(empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap(),
+        )
+        .await;
+        json(&body)["headers"]["authorization"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    };
+    assert!(
+        within(Duration::from_secs(3), || async {
+            auth().await == "Bearer rotated-token"
+        })
+        .await
+        .is_some()
+    );
+
+    // A new route, applied by SIGHUP (the file watch may see it first: either way it lands).
+    replace_file(&proxy.dir.path().join("routes.yaml"), &text(true));
+    proxy.signal("HUP");
+    assert!(
+        within(Duration::from_secs(3), || async {
+            connect_status(&proxy, &b).await == 200
+        })
+        .await
+        .is_some()
+    );
+    assert!(proxy.logs().contains("\"event\":\"reload\""));
+    assert!(!proxy.logs().contains("rotated-token") && !proxy.logs().contains("first-token"));
+}
+
+#[tokio::test]
+async fn invalid_files_keep_the_old_routes_and_the_process() {
+    let ca = TestCa::new("ca");
+    let up = Upstream::start(&ca, &["api.test"], &[b"http/1.1"]).await;
+    let port = up.port();
+    let proxy = ProxyBuilder::new(&routes(port, &["/v1"], false))
+        .upstream(&ca, &[("api.test", port)])
+        .env("OPS_TOKEN", TOKEN)
+        .start();
+    let file = proxy.dir.path().join("routes.yaml");
+    let mut c = h1(proxy.tunnel("api.test", port, &[b"http/1.1"]).await).await;
+    for (i, bad) in [
+        "routes: [\n".to_string(),
+        routes(port, &["/v1"], false).replace("ports:", "portz:"),
+        routes(port, &["/v1"], false).replace("OPS_TOKEN", "UNSET_TOKEN_VAR"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        replace_file(&file, bad);
+        proxy.signal("HUP");
+        let errors = || async {
+            metric(
+                &admin_get(&proxy, "/metrics").await.1,
+                "egress_proxy_reloads_total{result=\"error\"}",
+            ) >= (i + 1) as f64
+        };
+        assert!(
+            within(Duration::from_secs(3), errors).await.is_some(),
+            "reload {i} not counted as an error"
+        );
+        let req = get(&format!("api.test:{port}"), "/v1/still")
+            .body(empty())
+            .unwrap();
+        assert_eq!(
+            collect(c.send_request(req).await.unwrap()).await.0,
+            200,
+            "old routes stay in force after bad file {i}"
+        );
+    }
+    let logs = proxy.logs();
+    assert!(
+        logs.contains("UNSET_TOKEN_VAR"),
+        "the reason names the variable: {logs}"
+    );
+    assert!(logs.contains("\"result\":\"error\""), "{logs}");
+    assert!(!logs.contains(TOKEN));
+}
+
+#[tokio::test]
+async fn file_change_without_signal_applies_within_two_seconds() {
+    let ca = TestCa::new("ca");
+    let up = Upstream::start(&ca, &["api.test", "b.test"], &[b"http/1.1"]).await;
+    let port = up.port();
+    let proxy = ProxyBuilder::new(&routes(port, &["/v1"], false))
+        .upstream(&ca, &[("api.test", port), ("b.test", port)])
+        .env("OPS_TOKEN", TOKEN)
+        .start();
+    let b = format!("b.test:{port}");
+    assert_eq!(connect_status(&proxy, &b).await, 403);
+    // Rename-and-replace (an editor, docker cp).
+    replace_file(
+        &proxy.dir.path().join("routes.yaml"),
+        &routes(port, &["/v1"], true),
+    );
+    let took = within(Duration::from_secs(2), || async {
+        connect_status(&proxy, &b).await == 200
+    })
+    .await;
+    assert!(took.is_some(), "file change not applied within 2 s");
+    // In-place write.
+    std::fs::write(
+        proxy.dir.path().join("routes.yaml"),
+        routes(port, &["/v1"], false),
+    )
+    .unwrap();
+    let took = within(Duration::from_secs(2), || async {
+        connect_status(&proxy, &b).await == 403
+    })
+    .await;
+    assert!(took.is_some(), "in-place write not applied within 2 s");
+}
+
+#[tokio::test]
+async fn kubernetes_configmap_symlink_swap_is_seen() {
+    let ca = TestCa::new("ca");
+    let up = Upstream::start(&ca, &["api.test", "b.test"], &[b"http/1.1"]).await;
+    let port = up.port();
+    // The layout kubelet makes: routes.yaml -> ..data/routes.yaml, ..data -> ..<timestamp>.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("..v1")).unwrap();
+    std::fs::write(d.join("..v1/routes.yaml"), routes(port, &["/v1"], false)).unwrap();
+    std::os::unix::fs::symlink("..v1", d.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/routes.yaml", d.join("routes.yaml")).unwrap();
+    let proxy = ProxyBuilder::new("")
+        .routes_path(d.join("routes.yaml"))
+        .upstream(&ca, &[("api.test", port), ("b.test", port)])
+        .env("OPS_TOKEN", TOKEN)
+        .start();
+    let b = format!("b.test:{port}");
+    assert_eq!(connect_status(&proxy, &b).await, 403);
+    std::fs::create_dir(d.join("..v2")).unwrap();
+    std::fs::write(d.join("..v2/routes.yaml"), routes(port, &["/v1"], true)).unwrap();
+    std::os::unix::fs::symlink("..v2", d.join("..data_tmp")).unwrap();
+    std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
+    std::fs::remove_dir_all(d.join("..v1")).unwrap();
+    let took = within(Duration::from_secs(2), || async {
+        connect_status(&proxy, &b).await == 200
+    })
+    .await;
+    assert!(took.is_some(), "ConfigMap swap not applied within 2 s");
+}
+
+#[tokio::test]
+async fn a_removed_route_denies_the_next_request_on_an_open_tunnel() {
+    let ca = TestCa::new("ca");
+    let up = Upstream::start(&ca, &["api.test"], &[b"http/1.1"]).await;
+    let port = up.port();
+    let proxy = ProxyBuilder::new(&routes(port, &["/v1", "/v2"], false))
+        .upstream(&ca, &[("api.test", port)])
+        .env("OPS_TOKEN", TOKEN)
+        .start();
+    let h = format!("api.test:{port}");
+    let mut c1 = h1(proxy.tunnel("api.test", port, &[b"http/1.1"]).await).await;
+    let mut c2 = h2(proxy.tunnel("api.test", port, &[b"h2"]).await).await;
+    assert_eq!(
+        collect(
+            c1.send_request(get(&h, "/v2/a").body(empty()).unwrap())
+                .await
+                .unwrap()
+        )
+        .await
+        .0,
+        200
+    );
+    let before = reloads_ok(&proxy).await;
+    replace_file(
+        &proxy.dir.path().join("routes.yaml"),
+        &routes(port, &["/v1"], false),
+    );
+    proxy.signal("HUP");
+    assert!(
+        within(Duration::from_secs(3), || async {
+            reloads_ok(&proxy).await > before
+        })
+        .await
+        .is_some()
+    );
+    let (st, headers, body) = collect(
+        c1.send_request(get(&h, "/v2/a").body(empty()).unwrap())
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_refusal(st, &headers, &body, 403, "path_not_allowed");
+    let uri = format!("https://{h}/v2/b");
+    let (st, headers, body) = collect(
+        c2.send_request(Request::builder().uri(uri).body(empty()).unwrap())
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_refusal(st, &headers, &body, 403, "path_not_allowed");
+    assert_eq!(
+        collect(
+            c1.send_request(get(&h, "/v1/a").body(empty()).unwrap())
+                .await
+                .unwrap()
+        )
+        .await
+        .0,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_under_load_fails_no_request() {
+    let ca = TestCa::new("ca");
+    let up = Upstream::start(&ca, &["api.test"], &[b"h2", b"http/1.1"]).await;
+    let port = up.port();
+    let file_a = routes(port, &["/v1"], false);
+    let file_b = routes(port, &["/v1", "/v2"], true);
+    let proxy = Arc::new(
+        ProxyBuilder::new(&file_a)
+            .upstream(&ca, &[("api.test", port), ("b.test", port)])
+            .env("OPS_TOKEN", TOKEN)
+            .start(),
+    );
+    let h = format!("api.test:{port}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut clients = Vec::new();
+    for (i, alpn) in [&b"http/1.1"[..], &b"h2"[..], &b"http/1.1"[..], &b"h2"[..]]
+        .into_iter()
+        .enumerate()
+    {
+        let (proxy, stop, ok, failed, h) = (
+            proxy.clone(),
+            stop.clone(),
+            ok.clone(),
+            failed.clone(),
+            h.clone(),
+        );
+        clients.push(tokio::spawn(async move {
+            let tls = proxy.tunnel("api.test", port, &[alpn]).await;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            if alpn == b"h2" {
+                let mut c = h2(tls).await;
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    let req = Request::builder()
+                        .uri(format!("https://{h}/v1/{i}"))
+                        .body(empty())
+                        .unwrap();
+                    let good = complete_200(c.send_request(req).await).await;
+                    if good {
+                        ok.fetch_add(1, Ordering::Relaxed)
+                    } else {
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    };
+                }
+            } else {
+                let mut c = h1(tls).await;
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    let req = get(&h, &format!("/v1/{i}")).body(empty()).unwrap();
+                    let good = complete_200(c.send_request(req).await).await;
+                    if good {
+                        ok.fetch_add(1, Ordering::Relaxed)
+                    } else {
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    };
+                }
+            }
+        }));
+    }
+    let file = proxy.dir.path().join("routes.yaml");
+    let before = reloads_ok(&proxy).await;
+    for n in 0..60 {
+        replace_file(&file, if n % 2 == 0 { &file_b } else { &file_a });
+        proxy.signal("HUP");
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    // Keep the load going until at least 1,000 requests have been made.
+    let _ = within(Duration::from_secs(30), || async {
+        ok.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed) >= 1000
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let reloads = reloads_ok(&proxy).await - before;
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert!(reloads >= 50.0, "only {reloads} reloads");
+    assert!(ok >= 1000, "only {ok} requests");
+    assert_eq!(
+        failed, 0,
+        "{failed} requests failed during {reloads} reloads ({ok} succeeded)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_streams_in_flight_finish_then_exits_zero() {
+    let ca = TestCa::new("ca");
+    let up = Upstream::start(&ca, &["api.test"], &[b"http/1.1"]).await;
+    let port = up.port();
+    let mut proxy = ProxyBuilder::new(&routes(port, &["/sse", "/download"], false))
+        .upstream(&ca, &[("api.test", port)])
+        .env("OPS_TOKEN", TOKEN)
+        .arg("--shutdown-grace")
+        .arg("8")
+        .start();
+    let h = format!("api.test:{port}");
+    let mut sse = h1(proxy.tunnel("api.test", port, &[b"http/1.1"]).await).await;
+    let mut dl = h2(proxy.tunnel("api.test", port, &[b"h2"]).await).await;
+    let sse_resp = sse
+        .send_request(get(&h, "/sse?n=10&ms=200").body(empty()).unwrap())
+        .await
+        .unwrap();
+    let size = 32 * 1024 * 1024u64;
+    let dl_resp = dl
+        .send_request(
+            Request::builder()
+                .uri(format!("https://{h}/download/{size}"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let sse_task =
+        tokio::spawn(async move { sse_resp.into_body().collect().await.map(|c| c.to_bytes()) });
+    let dl_task = tokio::spawn(async move {
+        // Read slowly, so the download is still in flight when SIGTERM lands.
+        let mut body = dl_resp.into_body();
+        let mut n = 0u64;
+        while let Some(f) = body.frame().await {
+            let f = f?;
+            n += f.data_ref().map(|d| d.len() as u64).unwrap_or(0);
+            if n % (4 * 1024 * 1024) < 65536 {
+                tokio::time::sleep(Duration::from_millis(60)).await;
+            }
+        }
+        Ok::<u64, hyper::Error>(n)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        tokio::net::TcpStream::connect(proxy.addr).await.is_err(),
+        "new connections are refused while draining"
+    );
+    let sse_body = sse_task.await.unwrap().expect("SSE completes");
+    assert_eq!(
+        String::from_utf8_lossy(&sse_body)
+            .matches("data: event")
+            .count(),
+        10
+    );
+    assert_eq!(dl_task.await.unwrap().expect("download completes"), size);
+    let code = proxy.wait_exit(Duration::from_secs(8));
+    assert_eq!(code, Some(0), "logs: {}", proxy.logs());
+}
+
+#[tokio::test]
+async fn admin_endpoints_metrics_move_and_nothing_leaks() {
+    let ca = TestCa::new("ca");
+    let up = Upstream::start(&ca, &["api.test"], &[b"http/1.1"]).await;
+    let port = up.port();
+    let proxy = ProxyBuilder::new(&routes(port, &["/v1"], false))
+        .upstream(&ca, &[("api.test", port)])
+        .env("OPS_TOKEN", TOKEN)
+        .start();
+    assert_eq!(admin_get(&proxy, "/healthz").await.0, 200);
+    assert_eq!(admin_get(&proxy, "/readyz").await.0, 200);
+    assert_eq!(admin_get(&proxy, "/ca.pem").await.1, proxy.ca_pem);
+    let bundle = admin_get(&proxy, "/ca-bundle.pem").await.1;
+    assert!(bundle.starts_with(&proxy.ca_pem) && bundle.matches("BEGIN CERTIFICATE").count() > 100);
+
+    let before = admin_get(&proxy, "/metrics").await.1;
+    let h = format!("api.test:{port}");
+    let agent_secret = "agent-cookie-value-xyz";
+    let mut c = h1(proxy.tunnel("api.test", port, &[b"http/1.1"]).await).await;
+    for path in [
+        "/v1/a?api_key=query-secret-1",
+        "/v1/b",
+        "/admin?token=query-secret-2",
+    ] {
+        let req = get(&h, path)
+            .header("authorization", format!("Bearer {agent_secret}"))
+            .header("cookie", format!("session={agent_secret}"))
+            .body(empty())
+            .unwrap();
+        let (_, _, body) = collect(c.send_request(req).await.unwrap()).await;
+        let text = String::from_utf8_lossy(&body);
+        if path.starts_with("/admin") {
+            assert!(
+                !text.contains("query-secret") && !text.contains(agent_secret),
+                "error body leaked: {text}"
+            );
+        }
+    }
+    assert_eq!(proxy.connect("evil.test:443").await.0, 403);
+    drop(c);
+    let tunnel_logged = || async {
+        metric(
+            &admin_get(&proxy, "/metrics").await.1,
+            "egress_proxy_connects_total{decision=\"allow\",reason=\"ok\"}",
+        ) >= 1.0
+    };
+    assert!(
+        within(Duration::from_secs(3), tunnel_logged)
+            .await
+            .is_some(),
+        "closed tunnel not counted"
+    );
+    let after = admin_get(&proxy, "/metrics").await.1;
+    // The exposition parses: every sample is `name{labels} number`.
+    for line in after
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (name, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad line {line}"));
+        assert!(value.parse::<f64>().is_ok(), "bad value in {line}");
+        assert!(name.starts_with("egress_proxy_"), "{line}");
+    }
+    assert!(after.ends_with("# EOF\n"));
+    let allowed = "egress_proxy_requests_total{decision=\"allow\",reason=\"ok\"}";
+    assert_eq!(
+        metric(&after, allowed) - metric(&before, allowed),
+        2.0,
+        "{after}"
+    );
+    assert_eq!(
+        metric(
+            &after,
+            "egress_proxy_requests_total{decision=\"deny\",reason=\"path_not_allowed\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &after,
+            "egress_proxy_connects_total{decision=\"deny\",reason=\"host_not_allowed\"}"
+        ),
+        1.0
+    );
+    assert!(
+        metric(
+            &after,
+            "egress_proxy_connects_total{decision=\"allow\",reason=\"ok\"}"
+        ) >= 1.0
+    );
+    assert_eq!(metric(&after, "egress_proxy_leaf_cache_misses_total"), 1.0);
+    assert!(metric(&after, "egress_proxy_bytes_total{direction=\"down\"}") > 0.0);
+    let everything = format!("{}\n{after}", proxy.logs());
+    for secret in [
+        TOKEN,
+        agent_secret,
+        "query-secret-1",
+        "query-secret-2",
+        "api_key=",
+        "session=",
+    ] {
+        assert!(!everything.contains(secret), "{secret} leaked");
+    }
+
+    // `egress-proxy health` against the admin listener, and against nothing.
+    let ok = std::process::Command::new(BIN)
+        .args(["health", "--admin", &proxy.admin.to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let dead = std::process::Command::new(BIN)
+        .args(["health", "--admin", "127.0.0.1:1"])
+        .status()
+        .unwrap();
+    assert!(!dead.success());
+}
+
+#[tokio::test]
+async fn text_log_format_for_people() {
+    let proxy = ProxyBuilder::new("routes:\n  - host: a.test\n")
+        .arg("--log-format")
+        .arg("text")
+        .start();
+    assert_eq!(proxy.connect("evil.test:443").await.0, 403);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let logs = proxy.logs();
+    assert!(
+        logs.contains("event=\"connect\"") && logs.contains("host_not_allowed"),
+        "{logs}"
+    );
+    assert!(!logs.contains("{\"timestamp\""), "{logs}");
+    assert!(
+        !logs.contains('\u{1b}'),
+        "no colour codes into a pipe: {logs}"
+    );
+}
