@@ -56,8 +56,13 @@ fn route(
         );
     }
     match req.uri().path() {
-        // The proxy serves from the moment this listener is up: routes and CA are loaded
-        // before either listener binds.
+        // The proxy serves from the moment this listener is up (routes and CA are loaded
+        // before either listener binds) until it starts draining for shutdown.
+        "/healthz" | "/readyz" if state.is_shutting_down() => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            Bytes::from_static(b"shutting down\n"),
+        ),
         "/healthz" | "/readyz" => text(StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
         "/metrics" => text(
             StatusCode::OK,

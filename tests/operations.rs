@@ -630,3 +630,42 @@ async fn text_log_format_for_people() {
         "no colour codes into a pipe: {logs}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once() {
+    let ca = TestCa::new("ca");
+    let up = Upstream::start(&ca, &["api.test"], &[b"http/1.1"]).await;
+    let port = up.port();
+    let mut proxy = ProxyBuilder::new(&routes(port, &["/sse"], false))
+        .upstream(&ca, &[("api.test", port)])
+        .env("OPS_TOKEN", TOKEN)
+        .arg("--shutdown-grace")
+        .arg("30")
+        .start();
+    let mut c = h1(proxy.tunnel("api.test", port, &[b"http/1.1"]).await).await;
+    let resp = c
+        .send_request(
+            get(&format!("api.test:{port}"), "/sse?n=100&ms=500")
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    proxy.signal("TERM");
+    let draining = || async { admin_get(&proxy, "/healthz").await.0 == 503 };
+    assert!(
+        within(Duration::from_secs(2), draining).await.is_some(),
+        "healthz says 503 while draining"
+    );
+    assert_eq!(
+        proxy.wait_exit(Duration::from_millis(300)),
+        None,
+        "still draining the stream"
+    );
+    let start = Instant::now();
+    proxy.signal("INT");
+    assert_eq!(proxy.wait_exit(Duration::from_secs(2)), Some(0));
+    assert!(start.elapsed() < Duration::from_secs(2));
+    drop(resp);
+}

@@ -97,6 +97,10 @@ impl ProxyState {
         self.shutdown.subscribe()
     }
 
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
     fn next_id(&self) -> u64 {
         self.next_connection_id.fetch_add(1, Ordering::Relaxed)
     }
