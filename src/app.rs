@@ -2,6 +2,7 @@
 //! CA, listeners), then serving (SIGHUP reloads the routes) until SIGTERM/SIGINT, then
 //! draining in-flight requests for up to the grace period.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,9 +13,11 @@ use signal_hook_tokio::Signals;
 use tokio::net::TcpListener;
 
 use crate::ca::{BottleCa, CaOrigin, LeafCache};
+use crate::chain::ProxyUrl;
 use crate::config::Config;
 use crate::proxy::{ClientLimits, ProxyState};
 use crate::reload::{Reloader, Trigger};
+use crate::routes::Host;
 use crate::upstream::{Upstream, UpstreamSettings};
 
 /// Leaf configurations kept at once (one per intercepted host).
@@ -26,12 +29,6 @@ pub async fn run(config: Config) -> Result<(), String> {
     let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT])
         .map_err(|e| format!("installing signal handlers: {e}"))?;
     let routes = crate::reload::load_routes(&config.routes)?;
-    if let Some(proxy) = &config.upstream_proxy {
-        return Err(format!(
-            "upstream proxy {:?} (from --upstream-proxy or HTTPS_PROXY): chaining is not supported by this build yet; unset it to connect directly",
-            redact_userinfo(proxy)
-        ));
-    }
     let (ca, origin) = BottleCa::load_or_mint(&config.ca_dir).map_err(|e| e.to_string())?;
     let bundle = Bytes::from(ca.bundle_pem());
     if let Some(dir) = &config.ca_export {
@@ -43,10 +40,10 @@ pub async fn run(config: Config) -> Result<(), String> {
     let admin = TcpListener::bind(config.admin)
         .await
         .map_err(|e| format!("--admin {}: {e}", config.admin))?;
-    let own_listeners = [&listener, &admin]
-        .iter()
-        .filter_map(|l| l.local_addr().ok())
-        .collect::<Vec<_>>();
+    let own_listeners = own_addresses(&[&listener, &admin]);
+    if let Some(proxy) = &config.upstream_proxy {
+        refuse_proxy_loop(proxy, &own_listeners, &config).await?;
+    }
     let upstream = Arc::new(
         Upstream::new(UpstreamSettings {
             connect_timeout: config.connect_timeout,
@@ -55,6 +52,8 @@ pub async fn run(config: Config) -> Result<(), String> {
             extra_roots: config.upstream_roots.clone(),
             resolve: config.resolve.clone(),
             own_listeners: own_listeners.clone(),
+            proxy: config.upstream_proxy.clone(),
+            no_proxy: config.no_proxy.clone(),
         })
         .map_err(|e| format!("--upstream-ca: {e}"))?,
     );
@@ -70,8 +69,10 @@ pub async fn run(config: Config) -> Result<(), String> {
     };
     let route_count = routes.routes().len();
     let state = ProxyState::new(routes, leaves, upstream, limits, own_listeners);
+    let via = config.upstream_proxy.as_ref().map(|p| p.to_string());
     tracing::info!(
         event = "start",
+        upstream_proxy = via.as_deref(),
         listen = %config.listen,
         admin = %config.admin,
         routes = route_count,
@@ -121,6 +122,58 @@ async fn drain(state: &ProxyState, grace: Duration, signals: &mut Signals) {
         open_connections = state.open_connections(),
         "egress-proxy stopped"
     );
+}
+
+/// Every address the proxy's listeners answer on: each bound address, and for one bound
+/// to an unspecified address (`0.0.0.0`, `::`), every local interface address too.
+fn own_addresses(listeners: &[&TcpListener]) -> Vec<SocketAddr> {
+    let local = crate::sys::local_addresses();
+    let mut out = Vec::new();
+    for addr in listeners.iter().filter_map(|l| l.local_addr().ok()) {
+        out.push(addr);
+        if addr.ip().is_unspecified() {
+            out.extend(
+                local
+                    .iter()
+                    .filter(|ip| addr.is_ipv6() || ip.is_ipv4())
+                    .map(|ip| SocketAddr::new(*ip, addr.port())),
+            );
+        }
+    }
+    out
+}
+
+/// An upstream proxy that is this proxy (a sidecar that inherited the bottle's
+/// `HTTPS_PROXY`) would loop forever: refuse to start instead.
+async fn refuse_proxy_loop(
+    proxy: &ProxyUrl,
+    own: &[SocketAddr],
+    config: &Config,
+) -> Result<(), String> {
+    let addrs: Vec<SocketAddr> = match (
+        &proxy.host,
+        config.resolve.get(&(proxy.host.clone(), proxy.port)),
+    ) {
+        (_, Some(pinned)) => pinned
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, proxy.port))
+            .collect(),
+        (Host::Ip(ip), None) => vec![SocketAddr::new(*ip, proxy.port)],
+        // A name that does not resolve now may later: only a loop we can see is refused.
+        (Host::Name(name), None) => tokio::net::lookup_host((name.as_str(), proxy.port))
+            .await
+            .map(|it| it.collect())
+            .unwrap_or_default(),
+    };
+    match addrs
+        .iter()
+        .find(|a| crate::destination::is_own_listener(**a, own))
+    {
+        Some(a) => Err(format!(
+            "upstream proxy {proxy} (from --upstream-proxy or HTTPS_PROXY) is this proxy's own listener {a}; unset HTTPS_PROXY for the sidecar or name the real upstream proxy"
+        )),
+        None => Ok(()),
+    }
 }
 
 /// `http://user:pass@host` → `http://***@host`, for messages.

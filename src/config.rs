@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
+use crate::chain::{NoProxy, ProxyUrl};
 use crate::routes::Host;
 use crate::upstream::ResolveMap;
 
@@ -142,8 +143,8 @@ pub struct Config {
     pub routes: PathBuf,
     pub ca_dir: PathBuf,
     pub ca_export: Option<PathBuf>,
-    pub upstream_proxy: Option<String>,
-    pub no_proxy: Option<String>,
+    pub upstream_proxy: Option<ProxyUrl>,
+    pub no_proxy: NoProxy,
     pub upstream_roots: Vec<CertificateDer<'static>>,
     pub resolve: ResolveMap,
     pub log_format: LogFormat,
@@ -181,15 +182,28 @@ impl Config {
         if args.max_header_bytes < 1024 {
             return Err("--max-header-bytes must be at least 1024".into());
         }
-        let upstream_proxy = args
-            .upstream_proxy
-            .filter(|v| !v.trim().is_empty())
-            .or_else(|| env_nonempty("HTTPS_PROXY"))
-            .or_else(|| env_nonempty("https_proxy"));
+        let upstream_proxy = [
+            (
+                "--upstream-proxy",
+                args.upstream_proxy.filter(|v| !v.trim().is_empty()),
+            ),
+            ("HTTPS_PROXY", env_nonempty("HTTPS_PROXY")),
+            ("https_proxy", env_nonempty("https_proxy")),
+        ]
+        .into_iter()
+        .find_map(|(source, v)| v.map(|v| (source, v)))
+        .map(|(source, v)| {
+            ProxyUrl::parse(&v)
+                .map_err(|e| format!("{source} {:?}: {e}", crate::app::redact_userinfo(&v)))
+        })
+        .transpose()?;
         let no_proxy = args
             .no_proxy
             .or_else(|| env_nonempty("NO_PROXY"))
-            .or_else(|| env_nonempty("no_proxy"));
+            .or_else(|| env_nonempty("no_proxy"))
+            .map(|list| NoProxy::parse(&list).map_err(|e| format!("--no-proxy: {e}")))
+            .transpose()?
+            .unwrap_or_default();
         let upstream_roots = match &args.upstream_ca {
             None => Vec::new(),
             Some(path) => {

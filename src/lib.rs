@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod app;
 pub mod ca;
+pub mod chain;
 pub mod config;
 pub mod destination;
 pub mod error;
@@ -16,4 +17,5 @@ pub mod policy;
 pub mod proxy;
 pub mod reload;
 pub mod routes;
+pub mod sys;
 pub mod upstream;

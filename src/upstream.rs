@@ -12,22 +12,21 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
+use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ClientConfig;
 use rustls_pki_types::{CertificateDer, ServerName};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use tokio_rustls::client::TlsStream;
 
+use crate::chain::{NoProxy, ProxyUrl};
 use crate::destination;
 use crate::error::{ErrorKind, ProxyBody, ProxyError};
 use crate::routes::Host;
@@ -49,6 +48,9 @@ pub struct UpstreamSettings {
     pub resolve: ResolveMap,
     /// The proxy's own listeners, never dialled.
     pub own_listeners: Vec<SocketAddr>,
+    /// Chain through this proxy, except for `no_proxy` hosts.
+    pub proxy: Option<ProxyUrl>,
+    pub no_proxy: NoProxy,
 }
 
 /// Where a request goes.
@@ -249,7 +251,7 @@ impl Upstream {
         target: &Target,
         req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let io = self.dial(target, &self.tls_h1).await?;
+        let (io, _) = self.dial(target, &self.tls_h1).await?;
         let (mut sender, conn) = self
             .h1_builder()
             .handshake(TokioIo::new(io))
@@ -343,8 +345,7 @@ impl Upstream {
 
     /// Opens a new pooled connection to `target`.
     async fn connect(&self, target: &Target, tls: &TlsConnector) -> Result<Sender, ProxyError> {
-        let io = self.dial(target, tls).await?;
-        let h2 = io.is_h2();
+        let (io, h2) = self.dial(target, tls).await?;
         let io = TokioIo::new(io);
         let handshake_err = |e: hyper::Error| {
             ProxyError::new(
@@ -379,29 +380,36 @@ impl Upstream {
         }
     }
 
-    /// Resolves, checks, connects and (for TLS targets) handshakes, all within the
-    /// connect timeout.
-    async fn dial(&self, target: &Target, tls: &TlsConnector) -> Result<UpstreamIo, ProxyError> {
+    /// Reaches `target` (directly, or through the upstream proxy unless `NO_PROXY`
+    /// matches) and, for TLS targets, completes a verified handshake, all within the
+    /// connect timeout. Returns the stream and whether ALPN chose HTTP/2.
+    async fn dial(
+        &self,
+        target: &Target,
+        tls: &TlsConnector,
+    ) -> Result<(BoxedIo, bool), ProxyError> {
         let work = async {
-            let addrs = self.resolve(target).await?;
-            let tcp = connect_any(target, &addrs).await?;
-            if !target.tls {
-                return Ok(UpstreamIo::Plain(tcp));
-            }
-            let name = match &target.host {
-                Host::Ip(ip) => ServerName::IpAddress((*ip).into()),
-                Host::Name(n) => ServerName::try_from(n.clone()).map_err(|e| {
-                    ProxyError::new(
-                        ErrorKind::UpstreamTlsProtocol,
-                        format!("{n} is not a TLS server name: {e}"),
-                    )
-                })?,
+            let via = self
+                .settings
+                .proxy
+                .as_ref()
+                .filter(|_| !self.settings.no_proxy.matches(&target.host, target.port));
+            let io: BoxedIo = match via {
+                Some(proxy) => Box::new(self.tunnel_through(proxy, target).await?),
+                None => {
+                    let addrs = self.resolve(target).await?;
+                    Box::new(connect_any(target, &addrs).await?)
+                }
             };
+            if !target.tls {
+                return Ok((io, false));
+            }
             let stream = tls
-                .connect(name, tcp)
+                .connect(server_name(&target.host)?, io)
                 .await
                 .map_err(|e| classify_tls_error(target, &e))?;
-            Ok(UpstreamIo::Tls(Box::new(stream)))
+            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+            Ok((Box::new(stream) as BoxedIo, h2))
         };
         tokio::time::timeout(self.settings.connect_timeout, work)
             .await
@@ -416,6 +424,99 @@ impl Upstream {
                     ),
                 ))
             })
+    }
+
+    /// Opens a CONNECT tunnel to `target` through the upstream proxy, naming the target
+    /// by hostname. Any failure to get a 2xx from the proxy is `upstream_proxy_refused`.
+    async fn tunnel_through(
+        &self,
+        proxy: &ProxyUrl,
+        target: &Target,
+    ) -> Result<TokioIo<Upgraded>, ProxyError> {
+        let refused = |received: Option<u16>, why: String| {
+            ProxyError::new(
+                ErrorKind::UpstreamProxyRefused { received },
+                format!(
+                    "upstream proxy {proxy} for {}:{}: {why}",
+                    target.host, target.port
+                ),
+            )
+        };
+        let addrs = match self.settings.resolve.get(&(proxy.host.clone(), proxy.port)) {
+            Some(pinned) => pinned
+                .iter()
+                .map(|ip| SocketAddr::new(*ip, proxy.port))
+                .collect(),
+            None => match &proxy.host {
+                Host::Ip(ip) => vec![SocketAddr::new(*ip, proxy.port)],
+                Host::Name(name) => tokio::net::lookup_host((name.as_str(), proxy.port))
+                    .await
+                    .map_err(|e| refused(None, format!("cannot resolve the proxy: {e}")))?
+                    .collect(),
+            },
+        };
+        let mut tcp = None;
+        let mut last_error = String::from("no address");
+        for addr in addrs {
+            match TcpStream::connect(addr).await {
+                Ok(s) => {
+                    let _ = s.set_nodelay(true);
+                    tcp = Some(s);
+                    break;
+                }
+                Err(e) => last_error = e.to_string(),
+            }
+        }
+        let tcp = tcp.ok_or_else(|| refused(None, format!("cannot connect: {last_error}")))?;
+        let io: BoxedIo = if proxy.tls {
+            let stream = self
+                .tls_h1
+                .connect(server_name(&proxy.host)?, tcp)
+                .await
+                .map_err(|e| {
+                    let mut err = classify_tls_error(target, &e);
+                    err.reason = format!("TLS with upstream proxy {proxy}: {e}");
+                    err
+                })?;
+            Box::new(stream)
+        } else {
+            Box::new(tcp)
+        };
+        let (mut sender, conn) = http1::Builder::new()
+            .handshake::<_, ProxyBody>(TokioIo::new(io))
+            .await
+            .map_err(|e| refused(None, e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        let authority = format!("{}:{}", target.host.authority_form(), target.port);
+        let mut connect = Request::new(crate::error::empty_body());
+        *connect.method_mut() = http::Method::CONNECT;
+        *connect.uri_mut() =
+            Uri::try_from(authority.as_str()).map_err(|e| refused(None, e.to_string()))?;
+        if let Ok(v) = http::HeaderValue::from_str(&authority) {
+            connect.headers_mut().insert(http::header::HOST, v);
+        }
+        if let Some(auth) = &proxy.authorization {
+            connect
+                .headers_mut()
+                .insert(http::header::PROXY_AUTHORIZATION, auth.clone());
+        }
+        let response = sender
+            .send_request(connect)
+            .await
+            .map_err(|e| refused(None, format!("closed before answering the CONNECT: {e}")))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(refused(
+                Some(status.as_u16()),
+                format!("answered the CONNECT with {status}"),
+            ));
+        }
+        hyper::upgrade::on(response)
+            .await
+            .map(TokioIo::new)
+            .map_err(|e| refused(Some(status.as_u16()), format!("tunnel failed: {e}")))
     }
 
     /// The addresses to dial: the operator's pin, the IP literal, or DNS answers, each
@@ -580,75 +681,19 @@ fn classify_hyper_error(target: &Target, e: &hyper::Error) -> ProxyError {
     ProxyError::new(kind, reason)
 }
 
-/// A plain or TLS upstream connection.
-enum UpstreamIo {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
+/// Any upstream stream: TCP, TLS over TCP, or either inside an upstream proxy's tunnel.
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+type BoxedIo = Box<dyn Io>;
 
-impl UpstreamIo {
-    fn is_h2(&self) -> bool {
-        match self {
-            UpstreamIo::Plain(_) => false,
-            UpstreamIo::Tls(s) => s.get_ref().1.alpn_protocol() == Some(b"h2"),
-        }
-    }
-}
-
-impl AsyncRead for UpstreamIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for UpstreamIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            UpstreamIo::Plain(s) => s.is_write_vectored(),
-            UpstreamIo::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
+fn server_name(host: &Host) -> Result<ServerName<'static>, ProxyError> {
+    match host {
+        Host::Ip(ip) => Ok(ServerName::IpAddress((*ip).into())),
+        Host::Name(n) => ServerName::try_from(n.clone()).map_err(|e| {
+            ProxyError::new(
+                ErrorKind::UpstreamTlsProtocol,
+                format!("{n} is not a TLS server name: {e}"),
+            )
+        }),
     }
 }

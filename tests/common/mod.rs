@@ -374,6 +374,7 @@ pub struct Proxy {
 pub struct ProxyBuilder {
     routes: String,
     routes_path: Option<PathBuf>,
+    self_proxy: bool,
     args: Vec<String>,
     env: Vec<(String, String)>,
 }
@@ -383,9 +384,17 @@ impl ProxyBuilder {
         ProxyBuilder {
             routes: routes.to_owned(),
             routes_path: None,
+            self_proxy: false,
             args: Vec::new(),
             env: Vec::new(),
         }
+    }
+
+    /// Sets HTTPS_PROXY to the proxy's own listener (the loop a sidecar inheriting the
+    /// bottle's environment would make).
+    pub fn self_as_upstream_proxy(mut self) -> Self {
+        self.self_proxy = true;
+        self
     }
 
     /// Uses this routes file as it is instead of writing one.
@@ -456,6 +465,9 @@ impl ProxyBuilder {
             .stderr(Stdio::piped());
         for (k, v) in &self.env {
             cmd.env(k, v);
+        }
+        if self.self_proxy {
+            cmd.env("HTTPS_PROXY", format!("http://localhost:{port}"));
         }
         let mut child = cmd.spawn().unwrap();
         let log = Arc::new(Mutex::new(String::new()));
@@ -749,4 +761,126 @@ pub fn write_file(dir: &Path, name: &str, content: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, content).unwrap();
     p
+}
+
+/// How the test upstream proxy answers a CONNECT.
+#[derive(Debug, Clone)]
+pub enum ProxyMode {
+    /// Tunnel to 127.0.0.1 at the requested port; with `Some(auth)`, demand exactly that
+    /// `Proxy-Authorization` value (407 otherwise).
+    Tunnel(Option<String>),
+    /// Answer this status and close.
+    Status(u16),
+    /// Read the CONNECT, then close without a word.
+    Close,
+}
+
+/// What the test upstream proxy saw: the CONNECT target and its Proxy-Authorization.
+#[derive(Debug, Clone)]
+pub struct ProxySeen {
+    pub target: String,
+    pub authorization: Option<String>,
+}
+
+/// A small CONNECT proxy on loopback that records what it is asked (plain, or TLS
+/// with a leaf from `tls` for "proxy.test").
+pub struct TestUpstreamProxy {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<ProxySeen>>>,
+}
+
+impl TestUpstreamProxy {
+    pub async fn start(mode: ProxyMode, tls: Option<&TestCa>) -> TestUpstreamProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let acceptor =
+            tls.map(|ca| TlsAcceptor::from(ca.server_config(&["proxy.test"], &[b"http/1.1"])));
+        let seen2 = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let (mode, seen, acceptor) = (mode.clone(), seen2.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    match acceptor {
+                        Some(a) => {
+                            if let Ok(tls) = a.accept(tcp).await {
+                                serve_proxy_conn(tls, mode, seen).await
+                            }
+                        }
+                        None => serve_proxy_conn(tcp, mode, seen).await,
+                    }
+                });
+            }
+        });
+        TestUpstreamProxy { addr, seen }
+    }
+
+    pub fn seen(&self) -> Vec<ProxySeen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+async fn serve_proxy_conn<S>(mut s: S, mode: ProxyMode, seen: Arc<Mutex<Vec<ProxySeen>>>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            _ => return,
+        }
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let target = text.split_whitespace().nth(1).unwrap_or("").to_owned();
+    let authorization = text.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("proxy-authorization")
+            .then(|| v.trim().to_owned())
+    });
+    seen.lock().unwrap().push(ProxySeen {
+        target: target.clone(),
+        authorization: authorization.clone(),
+    });
+    match mode {
+        ProxyMode::Close => {}
+        ProxyMode::Status(code) => {
+            let _ = s
+                .write_all(
+                    format!(
+                        "HTTP/1.1 {code} Refused\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    )
+                    .as_bytes(),
+                )
+                .await;
+        }
+        ProxyMode::Tunnel(required) => {
+            if required.is_some() && required != authorization {
+                let _ = s
+                    .write_all(b"HTTP/1.1 407 Proxy Authentication Required\r\nproxy-authenticate: Basic\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+                return;
+            }
+            let port = target
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .unwrap_or(0);
+            let Ok(mut origin) = TcpStream::connect(("127.0.0.1", port)).await else {
+                let _ = s
+                    .write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+                return;
+            };
+            if s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                .await
+                .is_ok()
+            {
+                let _ = tokio::io::copy_bidirectional(&mut s, &mut origin).await;
+            }
+        }
+    }
 }
