@@ -19,6 +19,7 @@ use hyper_util::rt::TokioIo;
 
 use super::ClientConn;
 use super::body::Tracked;
+use super::framing::HeadLog;
 use super::intercept::Tunnel;
 use crate::error::{ErrorKind, ProxyBody, ProxyError, empty_body};
 use crate::policy::{self, Authority, Channel, RequestView, parse_authority};
@@ -27,7 +28,14 @@ use crate::upstream::Target;
 
 /// A request inside an intercepted tunnel.
 pub async fn intercepted(req: Request<Incoming>, tunnel: Arc<Tunnel>) -> Response<ProxyBody> {
-    process(req, &tunnel.conn, &tunnel.authority, Channel::Tunnel).await
+    process(
+        req,
+        &tunnel.conn,
+        &tunnel.authority,
+        Channel::Tunnel,
+        tunnel.head_log.as_deref(),
+    )
+    .await
 }
 
 /// A request on the proxy listener itself: only absolute-form `http://` is forwarded.
@@ -74,7 +82,8 @@ pub async fn plain_http(req: Request<Incoming>, conn: ClientConn) -> Response<Pr
         host,
         port: port.unwrap_or(80),
     };
-    process(req, &conn, &authority, Channel::Plain).await
+    let head_log = conn.plain_head_log.clone();
+    process(req, &conn, &authority, Channel::Plain, Some(&head_log)).await
 }
 
 /// What the policy allowed, copied out so the request can be taken apart.
@@ -90,6 +99,7 @@ async fn process(
     conn: &ClientConn,
     authority: &Authority,
     channel: Channel,
+    head_log: Option<&HeadLog>,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
     let in_flight = conn.activity.begin();
@@ -98,6 +108,11 @@ async fn process(
     let h1 = req.version() < Version::HTTP_2;
     let state = &conn.state;
 
+    if let Some(Err(why)) = head_log.map(|log| log.check(req.method())) {
+        let e = ProxyError::new(ErrorKind::BadRequest, format!("ambiguous framing: {why}"));
+        record.refused(&e);
+        return e.response(&host, true);
+    }
     if head_size(&req) > state.limits.max_header_bytes {
         let e = ProxyError::new(
             ErrorKind::HeadersTooLarge,

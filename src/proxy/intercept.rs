@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_rustls::StartHandshake;
 use tokio_rustls::server::TlsStream;
 
+use super::framing::{HeadLog, Sniffed};
 use super::{ClientConn, drive_connection, forward};
 use crate::ca::LeafCache;
 use crate::policy::Authority;
@@ -34,6 +35,8 @@ const UNRECOGNIZED_NAME_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x
 pub struct Tunnel {
     pub conn: ClientConn,
     pub authority: Authority,
+    /// Raw request heads, for the strict framing check (HTTP/1.1 only).
+    pub head_log: Option<Arc<HeadLog>>,
 }
 
 /// Why a tunnel ended before serving HTTP.
@@ -66,6 +69,7 @@ pub async fn run(upgraded: Upgraded, authority: Authority, conn: ClientConn, sta
             let tunnel = Arc::new(Tunnel {
                 conn: conn.clone(),
                 authority: authority.clone(),
+                head_log: (!h2).then(|| HeadLog::new(state.limits.max_header_bytes + 8192)),
             });
             metrics.open_tunnels.inc();
             serve_http(tls, h2, tunnel).await;
@@ -120,8 +124,8 @@ where
             async move { Ok::<_, std::convert::Infallible>(forward::intercepted(req, tunnel).await) }
         })
     };
-    let io = TokioIo::new(tls);
     if h2 {
+        let io = TokioIo::new(tls);
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
@@ -137,6 +141,8 @@ where
             .header_read_timeout(idle)
             .max_buf_size(limits.max_header_bytes.max(8192) + 8192)
             .keep_alive(true);
+        let log = tunnel.head_log.clone().unwrap_or_else(|| HeadLog::new(0));
+        let io = TokioIo::new(Sniffed::new(tls, log));
         let conn = builder.serve_connection(io, service).with_upgrades();
         drive_connection(conn, |c| c.graceful_shutdown(), &activity, idle, shutdown).await;
     }

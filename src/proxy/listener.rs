@@ -19,6 +19,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use super::framing::{HeadLog, Sniffed};
 use super::{ClientConn, OpenConnection, ProxyState, drive_connection, forward, intercept};
 use crate::destination;
 use crate::error::{ErrorKind, ProxyBody, ProxyError, empty_body};
@@ -57,6 +58,7 @@ pub async fn serve(
             client,
             state: state.clone(),
             activity: super::Activity::new(),
+            plain_head_log: HeadLog::new(state.limits.max_header_bytes + 8192),
             _open: Arc::new(OpenConnection {
                 state: state.clone(),
                 _slot: slot,
@@ -100,6 +102,7 @@ async fn refuse_over_limit(mut stream: TcpStream, client: SocketAddr, state: Arc
 }
 
 async fn serve_client(stream: TcpStream, conn: ClientConn) {
+    let head_log = conn.plain_head_log.clone();
     let limits = &conn.state.limits;
     let mut builder = http1::Builder::new();
     builder
@@ -118,7 +121,7 @@ async fn serve_client(stream: TcpStream, conn: ClientConn) {
         })
     };
     let connection = builder
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection(TokioIo::new(Sniffed::new(stream, head_log)), service)
         .with_upgrades();
     drive_connection(
         connection,

@@ -7,6 +7,7 @@
 
 pub mod body;
 pub mod forward;
+pub mod framing;
 pub mod intercept;
 pub mod listener;
 
@@ -216,5 +217,7 @@ pub struct ClientConn {
     pub client: SocketAddr,
     pub state: Arc<ProxyState>,
     pub activity: Arc<Activity>,
+    /// Raw heads of the plain-HTTP requests on this connection (framing check).
+    pub plain_head_log: Arc<framing::HeadLog>,
     _open: Arc<OpenConnection>,
 }

@@ -27,6 +27,8 @@ pub enum PathError {
     ControlCharacter,
     #[error("path has an invalid percent-escape")]
     BadEscape,
+    #[error("path has a raw non-ASCII byte (percent-encode it)")]
+    NonAscii,
 }
 
 /// Checks that `path` (without its query) is unambiguous: see the module docs.
@@ -41,6 +43,9 @@ pub fn check_request_path(path: &str) -> Result<(), PathError> {
         match bytes[i] {
             b'\\' => return Err(PathError::Backslash),
             b if b < 0x20 || b == 0x7f => return Err(PathError::ControlCharacter),
+            // Raw bytes above ASCII are read as UTF-8 by some servers and Latin-1 (where
+            // 0x80-0x9f are controls) by others: ambiguous, so refused.
+            b if b >= 0x80 => return Err(PathError::NonAscii),
             b'%' => {
                 let decoded = decode_escape(bytes, i).ok_or(PathError::BadEscape)?;
                 if decoded < 0x20 || decoded == 0x7f {
@@ -409,6 +414,8 @@ mod tests {
             ("/a%2", BadEscape),
             ("/a%zz", BadEscape),
             ("/a%%32e", BadEscape),
+            ("/caf\u{e9}", NonAscii),
+            ("/a\u{85}b", NonAscii),
         ] {
             assert_eq!(check_request_path(bad), Err(why), "{bad:?}");
         }

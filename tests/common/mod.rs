@@ -884,3 +884,27 @@ where
         }
     }
 }
+
+impl Proxy {
+    /// Sends raw bytes inside a TLS tunnel (HTTP/1.1 ALPN) and returns everything that
+    /// comes back until the proxy closes or stays quiet for `quiet`.
+    pub async fn raw_in_tunnel(
+        &self,
+        host: &str,
+        port: u16,
+        raw: &[u8],
+        quiet: Duration,
+    ) -> String {
+        let mut tls = self.tunnel(host, port, &[b"http/1.1"]).await;
+        let _ = tls.write_all(raw).await;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 16384];
+        loop {
+            match tokio::time::timeout(quiet, tls.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+                Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
