@@ -277,6 +277,7 @@ impl Upstream {
     fn h1_builder(&self) -> http1::Builder {
         let mut b = http1::Builder::new();
         b.max_buf_size(self.settings.max_header_bytes.max(8192) + 8192)
+            .max_header_size(self.settings.max_header_bytes)
             .max_headers(256);
         b
     }

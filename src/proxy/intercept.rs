@@ -140,6 +140,7 @@ where
             .timer(TokioTimer::new())
             .header_read_timeout(idle)
             .max_buf_size(limits.max_header_bytes.max(8192) + 8192)
+            .max_header_size(limits.max_header_bytes + 8192)
             .keep_alive(true);
         let log = tunnel.head_log.clone().unwrap_or_else(|| HeadLog::new(0));
         let io = TokioIo::new(Sniffed::new(tls, log));

@@ -109,6 +109,7 @@ async fn serve_client(stream: TcpStream, conn: ClientConn) {
         .timer(TokioTimer::new())
         .header_read_timeout(limits.client_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192) + 8192)
+        .max_header_size(limits.max_header_bytes + 8192)
         .keep_alive(true);
     let idle = limits.idle_timeout;
     let activity = conn.activity.clone();
