@@ -33,6 +33,8 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs) -> Result<(), String> {
+    // Before any token is read: nothing this process holds may reach a core dump.
+    egress_proxy::sys::harden_process()?;
     let config = Config::from_args(args)?;
     init_logging(config.log_format);
     let threads = std::thread::available_parallelism()

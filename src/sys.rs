@@ -1,6 +1,7 @@
-//! The few operating-system facts the proxy needs that the standard library does not
-//! give: the machine's own interface addresses (so "the proxy itself" covers every
-//! address an unspecified listener answers on).
+//! The few operating-system calls the standard library does not offer: the machine's own
+//! interface addresses (so "the proxy itself" covers every address an unspecified
+//! listener answers on), and keeping the tokens in memory out of core dumps and out of
+//! reach of same-user debuggers.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -38,6 +39,33 @@ pub fn local_addresses() -> Vec<IpAddr> {
         libc::freeifaddrs(list);
     }
     out
+}
+
+/// Makes the process non-dumpable (no core file, no ptrace or /proc/PID/mem access by
+/// other processes of the same user) and sets the core-file limit to zero, so the tokens
+/// it holds never land on disk or in another process. Errors name the call that failed.
+pub fn harden_process() -> Result<(), String> {
+    // SAFETY: prctl(PR_SET_DUMPABLE, 0) and setrlimit(RLIMIT_CORE) take plain integers
+    // and a pointer to a struct that lives for the duration of the call.
+    unsafe {
+        if libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 {
+            return Err(format!(
+                "prctl(PR_SET_DUMPABLE): {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        let zero = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::setrlimit(libc::RLIMIT_CORE, &zero) != 0 {
+            return Err(format!(
+                "setrlimit(RLIMIT_CORE): {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

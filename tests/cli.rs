@@ -193,3 +193,75 @@ fn flags_beat_variables() {
         .arg("65536")
         .start();
 }
+
+#[test]
+fn the_running_proxy_is_not_dumpable_and_writes_no_core() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // Run as an unprivileged user (as the image does): a dumpable process's /proc files
+    // belong to that user; a non-dumpable one's to root.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let routes = write_file(dir.path(), "routes.yaml", "routes:\n  - host: a.test\n");
+    std::fs::set_permissions(&routes, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let ca = dir.path().join("ca");
+    std::fs::create_dir(&ca).unwrap();
+    std::os::unix::fs::chown(&ca, Some(65534), Some(65534)).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--admin",
+            &format!("127.0.0.1:{admin}"),
+        ])
+        .arg("--routes")
+        .arg(&routes)
+        .arg("--ca-dir")
+        .arg(&ca)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut up = false;
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            up = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pid = child.id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let environ_owner = std::fs::metadata(format!("/proc/{pid}/environ"))
+        .unwrap()
+        .uid();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(up, "proxy did not start as uid 65534");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.contains("65534")),
+        "{status}"
+    );
+    assert_eq!(
+        environ_owner, 0,
+        "non-dumpable: /proc/PID files belong to root"
+    );
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    let fields: Vec<&str> = core.split_whitespace().collect();
+    assert_eq!(&fields[4..6], ["0", "0"], "{core}");
+}
