@@ -295,3 +295,45 @@ mod tests {
         assert!(!v6.matches(&h("10.0.0.1"), 1));
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn parsing_never_panics(s in "\\PC*") {
+            let _ = NoProxy::parse(&s);
+            let _ = ProxyUrl::parse(&s);
+        }
+
+        #[test]
+        fn domain_entries_match_on_label_boundaries(
+            base in "[a-z][a-z0-9]{1,8}\\.[a-z]{2,5}",
+            label in "[a-z0-9]{1,8}",
+            dot in proptest::bool::ANY,
+        ) {
+            let entry = if dot { format!(".{base}") } else { base.clone() };
+            let np = NoProxy::parse(&entry).unwrap();
+            let host = |s: &str| Host::parse(s).unwrap();
+            let sub = format!("{label}.{base}");
+            let glued = format!("{label}{base}");
+            prop_assert!(np.matches(&host(&base), 443));
+            prop_assert!(np.matches(&host(&sub), 443));
+            prop_assert!(!np.matches(&host(&glued), 443));
+        }
+
+        #[test]
+        fn cidr_matches_exactly_its_range(a in any::<u32>(), bits in 0u8..=32) {
+            let ip = std::net::Ipv4Addr::from(a);
+            let np = NoProxy::parse(&format!("{ip}/{bits}")).unwrap();
+            prop_assert!(np.matches(&Host::Ip(ip.into()), 1));
+            if bits > 0 {
+                // Flip the last bit inside the prefix: outside the range.
+                let outside = std::net::Ipv4Addr::from(a ^ (1u32 << (32 - bits)));
+                prop_assert!(!np.matches(&Host::Ip(outside.into()), 1));
+            }
+        }
+    }
+}

@@ -842,3 +842,35 @@ routes:
         }
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::tests::secrets;
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn parsing_arbitrary_text_never_panics(s in "\\PC{0,400}") {
+            let _ = RouteTable::from_text(&s, &secrets());
+        }
+
+        #[test]
+        fn parsing_route_shaped_yaml_never_panics(
+            host in "[a-z*.:0-9\\[\\]-]{0,20}",
+            path in "[/a-z*%0-9.;]{0,20}",
+            method in "[A-Za-z ]{0,8}",
+            port in any::<i64>(),
+        ) {
+            let text = format!("routes:\n  - host: \"{host}\"\n    ports: [{port}]\n    path_allowlist: [\"{path}\"]\n    methods: [\"{method}\"]\n");
+            if let Ok(t) = RouteTable::from_text(&text, &secrets()) {
+                // Whatever loads is usable: decisions never panic either.
+                for r in t.routes() {
+                    prop_assert!(!r.ports.is_empty());
+                }
+                let h = Host::parse("a.example").unwrap();
+                let _ = t.decide(&h, 443, &Method::GET, "/a/b");
+            }
+        }
+    }
+}
