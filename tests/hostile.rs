@@ -809,3 +809,84 @@ async fn hostile_table() {
         assert!(!everything.contains(secret), "{secret} leaked");
     }
 }
+
+#[tokio::test]
+async fn http2_streams_are_each_held_to_the_tunnel_authority() {
+    let ca = TestCa::new("ca");
+    let up = Upstream::start(&ca, &["api.test"], &[b"h2", b"http/1.1"]).await;
+    let port = up.port();
+    let proxy = ProxyBuilder::new(&routes(port))
+        .upstream(&ca, &[("api.test", port)])
+        .env("H_TOKEN", TOKEN)
+        .env("H_KEY", KEY)
+        .start();
+    let mut c = h2(proxy.tunnel("api.test", port, &[b"h2"]).await).await;
+    let send = |uri: String, host: Option<&'static str>| {
+        let mut b = http::Request::builder().uri(uri);
+        if let Some(h) = host {
+            b = b.header("host", h);
+        }
+        b.body(empty()).unwrap()
+    };
+    let ok = format!("https://api.test:{port}/v1/first");
+    let (st, _, _) = collect(c.send_request(send(ok.clone(), None)).await.unwrap()).await;
+    assert_eq!(st, 200);
+    // A later stream on the same connection naming another host: 421, not forwarded.
+    let (st, h, b) = collect(
+        c.send_request(send("https://evil.test/v1/second".into(), None))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_refusal(st, &h, &b, 421, "misdirected");
+    let (st, h, b) = collect(
+        c.send_request(send(
+            format!("https://api.test:{}/v1/third", port + 1),
+            None,
+        ))
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_refusal(st, &h, &b, 421, "misdirected");
+    // A host header that disagrees with :authority.
+    let (st, h, b) = collect(
+        c.send_request(send(
+            format!("https://api.test:{port}/v1/fourth"),
+            Some("evil.test"),
+        ))
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_refusal(st, &h, &b, 421, "misdirected");
+    // Paths are held to the same rules over HTTP/2.
+    let (st, h, b) = collect(
+        c.send_request(send(
+            format!("https://api.test:{port}/v1/%2e%2e/admin"),
+            None,
+        ))
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_refusal(st, &h, &b, 400, "bad_request");
+    let (st, _, _) = collect(c.send_request(send(ok, None)).await.unwrap()).await;
+    assert_eq!(st, 200, "the connection still serves");
+    let paths: Vec<String> = up.seen().iter().map(|s| s.path_and_query.clone()).collect();
+    assert_eq!(paths, ["/v1/first", "/v1/first"]);
+    // Many concurrent streams are served, not serialised or refused.
+    let mut tasks = Vec::new();
+    for i in 0..150 {
+        let mut c = c.clone();
+        let uri = format!("https://api.test:{port}/v1/par/{i}");
+        tasks.push(tokio::spawn(async move {
+            c.send_request(http::Request::builder().uri(uri).body(empty()).unwrap())
+                .await
+                .map(|r| r.status())
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), 200);
+    }
+}

@@ -37,7 +37,8 @@ impl HeadLog {
         })
     }
 
-    fn record(&self, bytes: &[u8]) {
+    /// Records bytes the connection read (public for the fuzz target).
+    pub fn record(&self, bytes: &[u8]) {
         let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
         let bytes = &bytes[bytes.len().saturating_sub(self.capacity)..];
         let excess = (w.len() + bytes.len()).saturating_sub(self.capacity);
