@@ -265,3 +265,34 @@ fn the_running_proxy_is_not_dumpable_and_writes_no_core() {
     let fields: Vec<&str> = core.split_whitespace().collect();
     assert_eq!(&fields[4..6], ["0", "0"], "{core}");
 }
+
+#[test]
+fn a_routes_file_the_proxy_user_cannot_read_is_named_with_owner_and_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    // The orchestrator's mistake: a root-owned 0600 file, the proxy running as 65532.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let routes = write_file(dir.path(), "routes.yaml", "routes:\n  - host: a.test\n");
+    std::fs::set_permissions(&routes, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65532",
+            "--regid=65532",
+            "--clear-groups",
+            BIN,
+            "check",
+        ])
+        .arg(&routes)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(routes.to_str().unwrap()), "{err}");
+    assert!(
+        err.contains("owner uid 0")
+            && err.contains("mode 0600")
+            && err.contains("runs as uid 65532"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
