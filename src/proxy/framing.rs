@@ -14,13 +14,11 @@
 //! applies.
 
 use std::collections::VecDeque;
-use std::io;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 
 use http::Method;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::observe::{IoObserver, Observed};
 
 /// The last bytes an HTTP/1.1 connection read.
 #[derive(Debug)]
@@ -131,60 +129,11 @@ fn check_head(head: &[u8]) -> Result<(), &'static str> {
 }
 
 /// An HTTP/1.1 stream whose reads are recorded in a [`HeadLog`].
-pub struct Sniffed<IO> {
-    inner: IO,
-    log: Arc<HeadLog>,
-}
+pub type Sniffed<IO> = Observed<IO, Arc<HeadLog>>;
 
-impl<IO> Sniffed<IO> {
-    pub fn new(inner: IO, log: Arc<HeadLog>) -> Self {
-        Sniffed { inner, log }
-    }
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for Sniffed<IO> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            this.log.record(&buf.filled()[before..]);
-        }
-        r
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Sniffed<IO> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+impl IoObserver for Arc<HeadLog> {
+    fn on_read(&self, bytes: &[u8]) {
+        self.record(bytes);
     }
 }
 

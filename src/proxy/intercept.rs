@@ -5,22 +5,20 @@
 //! The ClientHello is read before any certificate is chosen, so an SNI naming another
 //! host is refused with a TLS `unrecognized_name` alert and no leaf is minted for it.
 
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::StartHandshake;
 use tokio_rustls::server::TlsStream;
 
 use super::framing::{HeadLog, Sniffed};
+use super::observe::{IoObserver, Observed};
 use super::{ClientConn, drive_connection, forward};
 use crate::ca::LeafCache;
 use crate::policy::Authority;
@@ -50,10 +48,7 @@ enum TlsFailure {
 /// logs the one `connect` event with what the tunnel carried.
 pub async fn run(upgraded: Upgraded, authority: Authority, conn: ClientConn, started: Instant) {
     let counters = Arc::new(Counters::default());
-    let io = Counted {
-        inner: TokioIo::new(upgraded),
-        counters: counters.clone(),
-    };
+    let io = Observed::new(TokioIo::new(upgraded), counters.clone());
     let state = conn.state.clone();
     let handshake = tokio::time::timeout(
         state.limits.client_timeout,
@@ -216,62 +211,12 @@ struct Counters {
     written: AtomicU64,
 }
 
-struct Counted<IO> {
-    inner: IO,
-    counters: Arc<Counters>,
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for Counted<IO> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        this.counters.read.fetch_add(n as u64, Ordering::Relaxed);
-        r
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Counted<IO> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = r {
-            this.counters.written.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        r
+impl IoObserver for Arc<Counters> {
+    fn on_read(&self, bytes: &[u8]) {
+        self.read.fetch_add(bytes.len() as u64, Ordering::Relaxed);
     }
 
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = r {
-            this.counters.written.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        r
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    fn on_write(&self, n: usize) {
+        self.written.fetch_add(n as u64, Ordering::Relaxed);
     }
 }

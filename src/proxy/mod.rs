@@ -10,6 +10,7 @@ pub mod forward;
 pub mod framing;
 pub mod intercept;
 pub mod listener;
+pub mod observe;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
