@@ -890,3 +890,61 @@ async fn http2_streams_are_each_held_to_the_tunnel_authority() {
         assert_eq!(t.await.unwrap().unwrap(), 200);
     }
 }
+
+/// HTTP/2 abuse with raw frames (the `h2` crate as a client): a rapid-reset flood and a
+/// stream flood past the concurrency limit. The proxy survives, keeps serving other
+/// connections, and the upstream sees at most a bounded number of requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_rapid_reset_and_stream_floods_do_not_take_the_proxy_down() {
+    let ca = TestCa::new("ca");
+    let up = Upstream::start(&ca, &["api.test"], &[b"h2", b"http/1.1"]).await;
+    let port = up.port();
+    let proxy = ProxyBuilder::new(&routes(port))
+        .upstream(&ca, &[("api.test", port)])
+        .env("H_TOKEN", TOKEN)
+        .env("H_KEY", KEY)
+        .start();
+    let tls = proxy.tunnel("api.test", port, &[b"h2"]).await;
+    let (client, conn) = h2::client::handshake(tls).await.unwrap();
+    let conn_task = tokio::spawn(async move { conn.await });
+    let mut client = client;
+    let mut sent = 0u32;
+    // Open and immediately reset streams, as fast as the connection lets us.
+    for i in 0..20_000u32 {
+        let ready = tokio::time::timeout(Duration::from_secs(2), client.clone().ready()).await;
+        let Ok(Ok(c)) = ready else { break };
+        client = c;
+        let req = http::Request::builder()
+            .uri(format!("https://api.test:{port}/v1/flood/{i}"))
+            .body(())
+            .unwrap();
+        match client.send_request(req, true) {
+            Ok((response, _)) => {
+                drop(response); // RST_STREAM(CANCEL)
+                sent += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    // The server either absorbed it or shut the abusive connection (GOAWAY).
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn_task).await;
+    assert!(sent > 0);
+    assert!(
+        sent < 20_000,
+        "the flood was never cut off ({sent} streams reset)"
+    );
+    // The upstream saw far fewer requests than were opened and reset.
+    let forwarded = up.seen().len() as u32;
+    assert!(forwarded <= sent, "forwarded {forwarded} of {sent}");
+    // Another agent connection is served normally.
+    let mut c = h2(proxy.tunnel("api.test", port, &[b"h2"]).await).await;
+    let ok = http::Request::builder()
+        .uri(format!("https://api.test:{port}/v1/after"))
+        .body(empty())
+        .unwrap();
+    assert_eq!(c.send_request(ok).await.unwrap().status(), 200);
+    assert!(
+        proxy.pid() > 0 && rss_kib(proxy.pid()) > 0,
+        "the proxy is alive"
+    );
+}
