@@ -906,7 +906,7 @@ async fn http2_rapid_reset_and_stream_floods_do_not_take_the_proxy_down() {
         .start();
     let tls = proxy.tunnel("api.test", port, &[b"h2"]).await;
     let (client, conn) = h2::client::handshake(tls).await.unwrap();
-    let conn_task = tokio::spawn(async move { conn.await });
+    let conn_task = tokio::spawn(conn);
     let mut client = client;
     let mut sent = 0u32;
     // Open and immediately reset streams, as fast as the connection lets us.
