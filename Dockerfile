@@ -6,7 +6,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 RUN cargo build --release --locked --bin egress-proxy \
- && mkdir -p /out/etc/egress-proxy /out/var/lib/egress-proxy \
+ && mkdir -p /out/etc/egress-proxy /out/var/lib/egress-proxy /out/ca-export \
  && cp target/release/egress-proxy /out/egress-proxy
 
 # distroless "nonroot" is uid/gid 65532, with CA certificates and glibc, and no shell.
@@ -14,6 +14,9 @@ FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/egress-proxy /usr/local/bin/egress-proxy
 COPY --from=build --chown=65532:65532 /out/etc/egress-proxy /etc/egress-proxy
 COPY --from=build --chown=65532:65532 /out/var/lib/egress-proxy /var/lib/egress-proxy
+# Where --ca-export writes for the agent (a named volume mounted here starts out owned
+# by 65532, copied from the image).
+COPY --from=build --chown=65532:65532 /out/ca-export /ca-export
 USER 65532:65532
 ENV EGRESS_PROXY_LISTEN=0.0.0.0:8080 \
     EGRESS_PROXY_ADMIN=0.0.0.0:9090 \
