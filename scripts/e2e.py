@@ -1,0 +1,301 @@
+#!/usr/bin/env python3
+"""A real bottle, simulated with network namespaces (run by scripts/e2e).
+
+    agent ns (10.200.1.2) ── proxy ns (10.200.1.1 | 10.200.2.1) ── internet ns (10.200.2.2)
+
+The agent's only route is to the proxy; the proxy does not forward packets; the
+"internet" holds local TLS origins: an API (JSON echo, SSE) and a git smart-HTTP server
+that demands Basic auth. Real clients in the agent namespace (curl, Python requests, Node
+through undici's ProxyAgent, git clone and push with no credentials) go through
+egress-proxy, and each check asserts what the origin received.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "debug", "egress-proxy")
+TAG = f"ep{os.getpid() % 100000}"
+NS_AGENT, NS_PROXY, NS_NET = f"{TAG}a", f"{TAG}p", f"{TAG}n"
+AGENT_IP, PROXY_IN, PROXY_OUT, NET_IP = "10.200.1.2", "10.200.1.1", "10.200.2.1", "10.200.2.2"
+API_TOKEN = "e2e-api-token-31337"
+GIT_CRED = "gituser:e2e-git-password"
+
+procs = []
+passed = 0
+
+
+def sh(*cmd, ns=None, check=True, env=None, **kw):
+    full = (["ip", "netns", "exec", ns] if ns else []) + list(cmd)
+    return subprocess.run(full, check=check, env=env, **kw)
+
+
+def spawn(*cmd, ns=None, env=None, log=None):
+    full = (["ip", "netns", "exec", ns] if ns else []) + list(cmd)
+    p = subprocess.Popen(full, env=env, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT if log else subprocess.DEVNULL)
+    procs.append(p)
+    return p
+
+
+def ok(name):
+    global passed
+    passed += 1
+    print(f"ok {passed}: {name}", flush=True)
+
+
+def wait_port(ns, host, port, timeout=15):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = sh("bash", "-c", f"exec 3<>/dev/tcp/{host}/{port}", ns=ns, check=False, stderr=subprocess.DEVNULL)
+        if r.returncode == 0:
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"{host}:{port} in {ns} never opened")
+
+
+def setup_network():
+    for ns in (NS_AGENT, NS_PROXY, NS_NET):
+        sh("ip", "netns", "add", ns)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+    sh("ip", "link", "add", f"{TAG}A", "type", "veth", "peer", "name", f"{TAG}Pa")
+    sh("ip", "link", "set", f"{TAG}A", "netns", NS_AGENT)
+    sh("ip", "link", "set", f"{TAG}Pa", "netns", NS_PROXY)
+    sh("ip", "link", "add", f"{TAG}N", "type", "veth", "peer", "name", f"{TAG}Pn")
+    sh("ip", "link", "set", f"{TAG}N", "netns", NS_NET)
+    sh("ip", "link", "set", f"{TAG}Pn", "netns", NS_PROXY)
+    for ns, dev, addr in [
+        (NS_AGENT, f"{TAG}A", f"{AGENT_IP}/24"),
+        (NS_PROXY, f"{TAG}Pa", f"{PROXY_IN}/24"),
+        (NS_PROXY, f"{TAG}Pn", f"{PROXY_OUT}/24"),
+        (NS_NET, f"{TAG}N", f"{NET_IP}/24"),
+    ]:
+        sh("ip", "-n", ns, "addr", "add", addr, "dev", dev)
+        sh("ip", "-n", ns, "link", "set", dev, "up")
+    sh("sysctl", "-q", "-w", "net.ipv4.ip_forward=0", ns=NS_PROXY)
+
+
+def teardown():
+    for p in procs:
+        p.kill()
+    for ns in (NS_AGENT, NS_PROXY, NS_NET):
+        subprocess.run(["ip", "netns", "del", ns], stderr=subprocess.DEVNULL)
+
+
+ORIGIN = r'''
+import base64, http.server, json, os, ssl, subprocess, sys, time
+CRED = base64.b64encode(sys.argv[3].encode()).decode()
+GIT_ROOT = sys.argv[4]
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def reply(self, status, body, ctype="application/json", extra=()):
+        self.send_response(status)
+        self.send_header("content-type", ctype)
+        self.send_header("content-length", str(len(body)))
+        for k, v in extra: self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+    def handle_any(self):
+        host = self.headers.get("host", "").split(":")[0]
+        if host == "git.e2e":
+            return self.git()
+        if self.path.startswith("/v1/sse"):
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.send_header("transfer-encoding", "chunked")
+            self.end_headers()
+            for i in range(5):
+                chunk = f"data: event {i} at {time.time()}\n\n".encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk)); self.wfile.flush()
+                time.sleep(0.3)
+            self.wfile.write(b"0\r\n\r\n"); self.wfile.flush()
+            return
+        n = int(self.headers.get("content-length", 0))
+        body = self.rfile.read(n) if n else b""
+        self.reply(200, json.dumps({"host": host, "path": self.path, "method": self.command,
+            "authorization": self.headers.get("authorization"), "body_len": len(body)}).encode())
+    def git(self):
+        if self.headers.get("authorization") != "Basic " + CRED:
+            return self.reply(401, b"auth", "text/plain", [("www-authenticate", 'Basic realm="git"')])
+        path, _, query = self.path.partition("?")
+        env = dict(os.environ, GIT_PROJECT_ROOT=GIT_ROOT, GIT_HTTP_EXPORT_ALL="1", REQUEST_METHOD=self.command,
+                   PATH_INFO=path, QUERY_STRING=query, CONTENT_TYPE=self.headers.get("content-type", ""),
+                   REMOTE_USER="gituser", REMOTE_ADDR="10.200.2.1")
+        n = int(self.headers.get("content-length", 0) or 0)
+        if self.headers.get("transfer-encoding") == "chunked":
+            data = b""
+            while True:
+                size = int(self.rfile.readline().strip(), 16)
+                if size == 0: self.rfile.readline(); break
+                data += self.rfile.read(size); self.rfile.readline()
+        else:
+            data = self.rfile.read(n)
+        env["CONTENT_LENGTH"] = str(len(data))
+        out = subprocess.run(["git", "http-backend"], input=data, env=env, capture_output=True).stdout
+        head, _, body = out.partition(b"\r\n\r\n")
+        status, headers = 200, []
+        for line in head.split(b"\r\n"):
+            k, _, v = line.decode().partition(":")
+            if k.lower() == "status": status = int(v.strip().split()[0])
+            elif k: headers.append((k, v.strip()))
+        self.send_response(status)
+        for k, v in headers: self.send_header(k, v)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    do_GET = do_POST = do_PUT = handle_any
+s = http.server.ThreadingHTTPServer((sys.argv[1], 443), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); ctx.load_cert_chain(sys.argv[2] + ".pem", sys.argv[2] + ".key")
+s.socket = ctx.wrap_socket(s.socket, server_side=True)
+s.serve_forever()
+'''
+
+
+def make_certs(d):
+    def run(*a):
+        subprocess.run(a, check=True, capture_output=True)
+    run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
+        "-keyout", f"{d}/origin-ca.key", "-out", f"{d}/origin-ca.pem", "-subj", "/CN=e2e internet CA",
+        "-addext", "basicConstraints=critical,CA:true", "-addext", "keyUsage=critical,keyCertSign")
+    run("openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+        "-keyout", f"{d}/origin.key", "-out", f"{d}/origin.csr", "-subj", "/CN=api.e2e")
+    with open(f"{d}/ext", "w") as f:
+        f.write("subjectAltName=DNS:api.e2e,DNS:git.e2e\nextendedKeyUsage=serverAuth\n")
+    run("openssl", "x509", "-req", "-in", f"{d}/origin.csr", "-CA", f"{d}/origin-ca.pem", "-CAkey", f"{d}/origin-ca.key",
+        "-CAcreateserial", "-out", f"{d}/origin.pem", "-days", "1", "-extfile", f"{d}/ext")
+
+
+def main():
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        print("e2e: needs root and iproute2 (network namespaces)")
+        sys.exit(1)
+    work = tempfile.mkdtemp(prefix="egress-e2e-")
+    os.chmod(work, 0o755)
+    try:
+        setup_network()
+        make_certs(work)
+        # A bare repository the agent will clone and push to.
+        git_root = f"{work}/git"
+        os.makedirs(git_root)
+        sh("git", "init", "-q", "--bare", f"{git_root}/repo.git")
+        sh("git", "-C", f"{git_root}/repo.git", "config", "http.receivepack", "true")
+        with open(f"{work}/origin.py", "w") as f:
+            f.write(ORIGIN)
+        spawn(sys.executable, f"{work}/origin.py", NET_IP, f"{work}/origin", GIT_CRED, git_root, ns=NS_NET,
+              log=open(f"{work}/origin.log", "w"))
+        wait_port(NS_NET, NET_IP, 443)
+
+        with open(f"{work}/routes.yaml", "w") as f:
+            f.write(f"""routes:
+  - host: api.e2e
+    path_allowlist: ["/v1"]
+    auth_scheme: Bearer
+    token_env: EGRESS_PROXY_TOKEN_0
+  - host: git.e2e
+    path_allowlist: ["/repo.git"]
+    auth_scheme: Basic
+    token_env: EGRESS_PROXY_TOKEN_1
+""")
+        env = dict(os.environ, EGRESS_PROXY_TOKEN_0=API_TOKEN, EGRESS_PROXY_TOKEN_1=GIT_CRED)
+        for k in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
+            env.pop(k, None)
+        export = f"{work}/agent-ca"
+        spawn(BIN, "--listen", f"{PROXY_IN}:8080", "--admin", "127.0.0.1:9090", "--routes", f"{work}/routes.yaml",
+              "--ca-dir", f"{work}/proxy-ca", "--ca-export", export, "--upstream-ca", f"{work}/origin-ca.pem",
+              "--resolve", f"api.e2e:443:{NET_IP}", "--resolve", f"git.e2e:443:{NET_IP}",
+              ns=NS_PROXY, env=env, log=open(f"{work}/proxy.log", "w"))
+        wait_port(NS_PROXY, PROXY_IN, 8080)
+
+        proxy = f"http://{PROXY_IN}:8080"
+        agent_env = dict(os.environ, HTTPS_PROXY=proxy, https_proxy=proxy,
+                         SSL_CERT_FILE=f"{export}/ca-bundle.pem", REQUESTS_CA_BUNDLE=f"{export}/ca-bundle.pem",
+                         CURL_CA_BUNDLE=f"{export}/ca-bundle.pem", GIT_SSL_CAINFO=f"{export}/ca-bundle.pem",
+                         NODE_EXTRA_CA_CERTS=f"{export}/ca-cert.pem", GIT_TERMINAL_PROMPT="0",
+                         HOME=f"{work}/home")
+        os.makedirs(f"{work}/home")
+
+        # 1. The agent cannot reach the internet directly.
+        r = sh("curl", "-sS", "--max-time", "3", "--noproxy", "*", "--cacert", f"{work}/origin-ca.pem",
+               "--resolve", f"api.e2e:443:{NET_IP}", "https://api.e2e/v1/x", ns=NS_AGENT, check=False,
+               capture_output=True, env=agent_env)
+        assert r.returncode != 0, "the agent reached the origin directly"
+        ok("the agent has no route to the internet but through the proxy")
+
+        # 2. curl through the proxy: the origin gets the real token, not the agent's.
+        r = sh("curl", "-sS", "--fail-with-body", "-H", "Authorization: Bearer agent-fake", "https://api.e2e/v1/curl?q=1",
+               ns=NS_AGENT, env=agent_env, capture_output=True, text=True)
+        seen = json.loads(r.stdout)
+        assert seen["authorization"] == f"Bearer {API_TOKEN}" and seen["path"] == "/v1/curl?q=1", seen
+        ok("curl: token injected, agent's credential replaced")
+        r = sh("curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "https://api.e2e/admin", ns=NS_AGENT,
+               env=agent_env, capture_output=True, text=True, check=False)
+        assert r.stdout == "403", r.stdout
+        ok("curl: a path outside the allowlist is 403")
+
+        # 3. Python requests, and an SSE stream read incrementally.
+        script = f"""
+import requests, time
+r = requests.post("https://api.e2e/v1/py", data=b"x" * 200000)
+d = r.json(); assert r.status_code == 200 and d["authorization"] == "Bearer {API_TOKEN}" and d["body_len"] == 200000, d
+t0 = time.time(); stamps = []
+with requests.get("https://api.e2e/v1/sse", stream=True) as s:
+    for line in s.iter_lines():
+        if line.startswith(b"data:"):
+            stamps.append(time.time() - t0)
+assert len(stamps) == 5, stamps
+assert stamps[0] < 0.25 and stamps[-1] > 1.0, stamps
+print("sse", [round(x, 2) for x in stamps])
+"""
+        r = sh(sys.executable, "-c", script, ns=NS_AGENT, env=agent_env, capture_output=True, text=True, check=False)
+        assert r.returncode == 0, r.stderr
+        ok(f"python requests: POST 200 kB with the token; SSE events arrive as sent {r.stdout.strip()}")
+
+        # 4. Node 20 fetch through undici's ProxyAgent, trusting NODE_EXTRA_CA_CERTS.
+        node_dir = os.environ.get("EGRESS_PROXY_TEST_CACHE", os.path.expanduser("~/.cache/egress-proxy-test")) + "/node-undici"
+        if not os.path.exists(f"{node_dir}/node_modules/undici"):
+            os.makedirs(node_dir, exist_ok=True)
+            subprocess.run(["npm", "install", "--silent", "--prefix", node_dir, "undici@6.21.3"], check=True,
+                           stdout=subprocess.DEVNULL)
+        with open(f"{work}/fetch.mjs", "w") as f:
+            f.write(f"""
+import {{ ProxyAgent, fetch }} from '{node_dir}/node_modules/undici/index.js';
+const dispatcher = new ProxyAgent(process.env.HTTPS_PROXY);
+const r = await fetch('https://api.e2e/v1/node', {{ dispatcher, headers: {{ authorization: 'Bearer agent-fake' }} }});
+const d = await r.json();
+if (r.status !== 200 || d.authorization !== 'Bearer {API_TOKEN}') {{ console.error(d); process.exit(1); }}
+""")
+        r = sh("node", f"{work}/fetch.mjs", ns=NS_AGENT, env=agent_env, capture_output=True, text=True, check=False)
+        assert r.returncode == 0, r.stderr + r.stdout
+        ok("node fetch (undici ProxyAgent, NODE_EXTRA_CA_CERTS): token injected")
+
+        # 5. git clone and push with no credentials on the agent side.
+        clone = f"{work}/home/repo"
+        r = sh("git", "clone", "-q", "https://git.e2e/repo.git", clone, ns=NS_AGENT, env=agent_env,
+               capture_output=True, text=True, check=False)
+        assert r.returncode == 0, r.stderr
+        with open(f"{clone}/README", "w") as f:
+            f.write("written by the agent\n")
+        for cmd in (["add", "README"], ["-c", "user.name=agent", "-c", "user.email=a@e2e", "commit", "-qm", "from the bottle"],
+                    ["push", "-q", "origin", "HEAD:refs/heads/main"]):
+            r = sh("git", "-C", clone, *cmd, ns=NS_AGENT, env=agent_env, capture_output=True, text=True, check=False)
+            assert r.returncode == 0, (cmd, r.stderr)
+        log = subprocess.run(["git", "-C", f"{git_root}/repo.git", "log", "--format=%s", "main"], capture_output=True, text=True)
+        assert log.stdout.strip() == "from the bottle", log.stdout
+        ok("git clone and push over HTTPS: Basic credentials injected, never held by the agent")
+
+        logs = open(f"{work}/proxy.log").read()
+        for secret in (API_TOKEN, GIT_CRED, "q=1"):
+            assert secret not in logs, f"{secret} in the proxy log"
+        ok("the proxy log holds no token and no query")
+        print(f"e2e: {passed} passed, 0 failed")
+    finally:
+        teardown()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
