@@ -26,6 +26,7 @@ API_TOKEN = "e2e-api-token-31337"
 GIT_CRED = "gituser:e2e-git-password"
 
 procs = []
+cleanup_dirs = []
 passed = 0
 
 
@@ -81,6 +82,10 @@ def setup_network():
 def teardown():
     for p in procs:
         p.kill()
+    for p in procs:
+        p.wait()
+    for d in cleanup_dirs:
+        shutil.rmtree(d, ignore_errors=True)
     for ns in (NS_AGENT, NS_PROXY, NS_NET):
         subprocess.run(["ip", "netns", "del", ns], stderr=subprocess.DEVNULL)
 
@@ -103,6 +108,14 @@ class H(http.server.BaseHTTPRequestHandler):
         host = self.headers.get("host", "").split(":")[0]
         if host == "git.e2e":
             return self.git()
+        if host == "pypi.e2e":
+            name = "e2e_hello-0.1-py3-none-any.whl"
+            if self.path.rstrip("/") == "/simple/e2e-hello":
+                page = f'<html><body><a href="/files/{name}">{name}</a></body></html>'.encode()
+                return self.reply(200, page, "text/html")
+            if self.path == "/files/" + name:
+                return self.reply(200, open(os.path.join(GIT_ROOT, "..", name), "rb").read(), "application/octet-stream")
+            return self.reply(404, b"", "text/plain")
         if self.path.startswith("/v1/sse"):
             self.send_response(200)
             self.send_header("content-type", "text/event-stream")
@@ -155,6 +168,25 @@ s.serve_forever()
 '''
 
 
+def make_wheel(d):
+    """A minimal pure-Python wheel, written by hand (no build tools needed)."""
+    import base64, hashlib, zipfile
+    files = {
+        "e2e_hello/__init__.py": b"GREETING = 'hello from the e2e index'\n",
+        "e2e_hello-0.1.dist-info/METADATA": b"Metadata-Version: 2.1\nName: e2e-hello\nVersion: 0.1\n",
+        "e2e_hello-0.1.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: e2e\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = ""
+    for name, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record += f"{name},sha256={digest},{len(data)}\n"
+    record += "e2e_hello-0.1.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(f"{d}/e2e_hello-0.1-py3-none-any.whl", "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+        z.writestr("e2e_hello-0.1.dist-info/RECORD", record)
+
+
 def make_certs(d):
     def run(*a):
         subprocess.run(a, check=True, capture_output=True)
@@ -164,7 +196,7 @@ def make_certs(d):
     run("openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
         "-keyout", f"{d}/origin.key", "-out", f"{d}/origin.csr", "-subj", "/CN=api.e2e")
     with open(f"{d}/ext", "w") as f:
-        f.write("subjectAltName=DNS:api.e2e,DNS:git.e2e\nextendedKeyUsage=serverAuth\n")
+        f.write("subjectAltName=DNS:api.e2e,DNS:git.e2e,DNS:pypi.e2e\nextendedKeyUsage=serverAuth\n")
     run("openssl", "x509", "-req", "-in", f"{d}/origin.csr", "-CA", f"{d}/origin-ca.pem", "-CAkey", f"{d}/origin-ca.key",
         "-CAcreateserial", "-out", f"{d}/origin.pem", "-days", "1", "-extfile", f"{d}/ext")
 
@@ -178,6 +210,7 @@ def main():
     try:
         setup_network()
         make_certs(work)
+        make_wheel(work)
         # A bare repository the agent will clone and push to.
         git_root = f"{work}/git"
         os.makedirs(git_root)
@@ -199,16 +232,40 @@ def main():
     path_allowlist: ["/repo.git"]
     auth_scheme: Basic
     token_env: EGRESS_PROXY_TOKEN_1
+  - host: pypi.e2e
+    methods: [GET, HEAD]
 """)
         env = dict(os.environ, EGRESS_PROXY_TOKEN_0=API_TOKEN, EGRESS_PROXY_TOKEN_1=GIT_CRED)
         for k in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
             env.pop(k, None)
+        # Run it the way the image does: uid/gid 65532, the image's environment and paths
+        # (bind-mounted in a private mount namespace), configured by variables only.
         export = f"{work}/agent-ca"
-        spawn(BIN, "--listen", f"{PROXY_IN}:8080", "--admin", "127.0.0.1:9090", "--routes", f"{work}/routes.yaml",
-              "--ca-dir", f"{work}/proxy-ca", "--ca-export", export, "--upstream-ca", f"{work}/origin-ca.pem",
-              "--resolve", f"api.e2e:443:{NET_IP}", "--resolve", f"git.e2e:443:{NET_IP}",
+        for d in ("routes", "state", export):
+            path = d if d.startswith("/") else f"{work}/{d}"
+            os.makedirs(path, exist_ok=True)
+            os.chown(path, 65532, 65532)
+        shutil.move(f"{work}/routes.yaml", f"{work}/routes/routes.yaml")
+        os.chmod(f"{work}/routes/routes.yaml", 0o644)
+        shutil.copy(f"{work}/origin-ca.pem", f"{work}/state/upstream-ca.pem")
+        made = [d for d in ("/etc/egress-proxy", "/var/lib/egress-proxy", "/ca-export") if not os.path.exists(d)]
+        for d in made:
+            os.makedirs(d)
+        cleanup_dirs.extend(made)
+        env.update(EGRESS_PROXY_LISTEN="0.0.0.0:8080", EGRESS_PROXY_ADMIN="0.0.0.0:9090",
+                   EGRESS_PROXY_ROUTES="/etc/egress-proxy/routes.yaml", EGRESS_PROXY_CA_DIR="/var/lib/egress-proxy",
+                   EGRESS_PROXY_CA_EXPORT="/ca-export", EGRESS_PROXY_UPSTREAM_CA="/var/lib/egress-proxy/upstream-ca.pem",
+                   EGRESS_PROXY_RESOLVE=f"api.e2e:443:{NET_IP},git.e2e:443:{NET_IP},pypi.e2e:443:{NET_IP}")
+        image_like = (f"mount --bind {work}/routes /etc/egress-proxy && mount --bind {work}/state /var/lib/egress-proxy"
+                      f" && mount --bind {export} /ca-export && exec setpriv --reuid=65532 --regid=65532 --clear-groups {BIN}")
+        spawn("unshare", "--mount", "--propagation", "private", "sh", "-c", image_like,
               ns=NS_PROXY, env=env, log=open(f"{work}/proxy.log", "w"))
         wait_port(NS_PROXY, PROXY_IN, 8080)
+        # The image's HEALTHCHECK.
+        r = sh("setpriv", "--reuid=65532", "--regid=65532", "--clear-groups", BIN, "health", "--admin", "127.0.0.1:9090",
+               ns=NS_PROXY, check=False)
+        assert r.returncode == 0, "egress-proxy health failed"
+        ok("runs as uid 65532 with the image's variables and paths; HEALTHCHECK passes")
 
         proxy = f"http://{PROXY_IN}:8080"
         agent_env = dict(os.environ, HTTPS_PROXY=proxy, https_proxy=proxy,
@@ -271,6 +328,31 @@ if (r.status !== 200 || d.authorization !== 'Bearer {API_TOKEN}') {{ console.err
         r = sh("node", f"{work}/fetch.mjs", ns=NS_AGENT, env=agent_env, capture_output=True, text=True, check=False)
         assert r.returncode == 0, r.stderr + r.stdout
         ok("node fetch (undici ProxyAgent, NODE_EXTRA_CA_CERTS): token injected")
+
+        # pip install from a (local) index through the proxy, trusting the bundle.
+        r = sh(sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-cache-dir",
+               "--index-url", "https://pypi.e2e/simple", "--target", f"{work}/home/site", "e2e-hello",
+               ns=NS_AGENT, env=dict(agent_env, PIP_CERT=f"{export}/ca-bundle.pem"), capture_output=True, text=True, check=False)
+        assert r.returncode == 0, r.stderr
+        r = subprocess.run([sys.executable, "-c", "import e2e_hello; print(e2e_hello.GREETING)"],
+                           env=dict(os.environ, PYTHONPATH=f"{work}/home/site"), capture_output=True, text=True)
+        assert r.stdout.strip() == "hello from the e2e index", r.stdout + r.stderr
+        ok("pip install from an index through the proxy (PIP_CERT = the bundle)")
+
+        # httpx (from PyPI, pinned, in a cached virtualenv) with SSL_CERT_FILE and HTTPS_PROXY.
+        cache = os.environ.get("EGRESS_PROXY_TEST_CACHE", os.path.expanduser("~/.cache/egress-proxy-test"))
+        venv = f"{cache}/httpx-0.28.1"
+        if not os.path.exists(f"{venv}/bin/python"):
+            subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+            subprocess.run([f"{venv}/bin/pip", "install", "-q", "httpx==0.28.1"], check=True)
+        script = f"""
+import httpx
+r = httpx.get("https://api.e2e/v1/httpx", headers={{"authorization": "Bearer agent-fake"}})
+assert r.status_code == 200 and r.json()["authorization"] == "Bearer {API_TOKEN}", r.text
+"""
+        r = sh(f"{venv}/bin/python", "-c", script, ns=NS_AGENT, env=agent_env, capture_output=True, text=True, check=False)
+        assert r.returncode == 0, r.stderr
+        ok("python httpx (SSL_CERT_FILE, HTTPS_PROXY): token injected")
 
         # 5. git clone and push with no credentials on the agent side.
         clone = f"{work}/home/repo"
