@@ -116,6 +116,8 @@ class H(http.server.BaseHTTPRequestHandler):
             if self.path == "/files/" + name:
                 return self.reply(200, open(os.path.join(GIT_ROOT, "..", name), "rb").read(), "application/octet-stream")
             return self.reply(404, b"", "text/plain")
+        if self.path.startswith("/v1/ws") and self.headers.get("upgrade", "").lower() == "websocket":
+            return self.websocket()
         if self.path.startswith("/v1/sse"):
             self.send_response(200)
             self.send_header("content-type", "text/event-stream")
@@ -131,6 +133,31 @@ class H(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(n) if n else b""
         self.reply(200, json.dumps({"host": host, "path": self.path, "method": self.command,
             "authorization": self.headers.get("authorization"), "body_len": len(body)}).encode())
+    def websocket(self):
+        import hashlib
+        key = self.headers["sec-websocket-key"]
+        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+        self.send_response(101)
+        self.send_header("upgrade", "websocket"); self.send_header("connection", "Upgrade")
+        self.send_header("sec-websocket-accept", accept)
+        self.end_headers(); self.wfile.flush()
+        def send(op, data):
+            n = len(data)
+            head = bytes([0x80 | op]) + (bytes([n]) if n < 126 else bytes([126]) + n.to_bytes(2, "big"))
+            self.wfile.write(head + data); self.wfile.flush()
+        # First message: the credential the upgrade request carried.
+        send(1, ("auth " + str(self.headers.get("authorization"))).encode())
+        while True:
+            b = self.rfile.read(2)
+            if len(b) < 2: return
+            op, n = b[0] & 0x0F, b[1] & 0x7F
+            if n == 126: n = int.from_bytes(self.rfile.read(2), "big")
+            elif n == 127: n = int.from_bytes(self.rfile.read(8), "big")
+            mask = self.rfile.read(4) if b[1] & 0x80 else b"\0\0\0\0"
+            data = bytes(x ^ mask[i % 4] for i, x in enumerate(self.rfile.read(n)))
+            if op == 8:
+                send(8, data); return
+            send(op, data)
     def git(self):
         if self.headers.get("authorization") != "Basic " + CRED:
             return self.reply(401, b"auth", "text/plain", [("www-authenticate", 'Basic realm="git"')])
@@ -311,6 +338,38 @@ print("sse", [round(x, 2) for x in stamps])
         assert r.returncode == 0, r.stderr
         ok(f"python requests: POST 200 kB with the token; SSE events arrive as sent {r.stdout.strip()}")
 
+        # A WebSocket (RFC 6455 client over the CONNECT tunnel, bundle-verified TLS): the
+        # upgrade carries the injected token, and frames are relayed both ways.
+        ws_client = f"""
+import socket, ssl, os
+s = socket.create_connection(("{PROXY_IN}", 8080), timeout=5)
+s.sendall(b"CONNECT api.e2e:443 HTTP/1.1\\r\\nHost: api.e2e:443\\r\\n\\r\\n")
+assert s.recv(1000).startswith(b"HTTP/1.1 200")
+t = ssl.create_default_context(cafile="{export}/ca-bundle.pem").wrap_socket(s, server_hostname="api.e2e")
+t.sendall(b"GET /v1/ws HTTP/1.1\\r\\nHost: api.e2e\\r\\nUpgrade: websocket\\r\\nConnection: Upgrade\\r\\n"
+          b"Authorization: Bearer agent-fake\\r\\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\\r\\nSec-WebSocket-Version: 13\\r\\n\\r\\n")
+buf = b""
+while b"\\r\\n\\r\\n" not in buf:
+    buf += t.recv(4096)
+head, _, rest = buf.partition(b"\\r\\n\\r\\n")
+assert head.startswith(b"HTTP/1.1 101") and b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head, head
+def frame():
+    global rest
+    while len(rest) < 2: rest += t.recv(4096)
+    n = rest[1] & 0x7F
+    while len(rest) < 2 + n: rest += t.recv(4096)
+    data, rest = rest[2:2 + n], rest[2 + n:]
+    return data
+assert frame() == b"auth Bearer {API_TOKEN}"
+mask = os.urandom(4); payload = b"echo me"
+t.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+assert frame() == payload
+print("websocket ok")
+"""
+        r = sh(sys.executable, "-c", ws_client, ns=NS_AGENT, env=agent_env, capture_output=True, text=True, check=False)
+        assert r.returncode == 0 and "websocket ok" in r.stdout, r.stderr + r.stdout
+        ok("WebSocket: the upgrade carries the injected token; frames relayed both ways")
+
         # 4. Node 20 fetch through undici's ProxyAgent, trusting NODE_EXTRA_CA_CERTS.
         node_dir = os.environ.get("EGRESS_PROXY_TEST_CACHE", os.path.expanduser("~/.cache/egress-proxy-test")) + "/node-undici"
         if not os.path.exists(f"{node_dir}/node_modules/undici"):
@@ -376,7 +435,10 @@ assert r.status_code == 200 and r.json()["authorization"] == "Bearer {API_TOKEN}
         print(f"e2e: {passed} passed, 0 failed")
     finally:
         teardown()
-        shutil.rmtree(work, ignore_errors=True)
+        if os.environ.get("E2E_KEEP"):
+            print("kept", work)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
