@@ -1,5 +1,5 @@
 //! A fast local TLS origin for `scripts/bench`: hyper + rustls, HTTP/1.1 and HTTP/2 by
-//! ALPN, with a certificate for `bench.test` and 127.0.0.1 from a CA it writes out.
+//! ALPN, with a certificate for `bench.test`, `localhost` and 127.0.0.1 from a CA it writes out.
 //!
 //! Paths: `/small` (13 bytes), `/bytes/N` (N bytes streamed in 64 KiB chunks),
 //! `/sse?n=N&ms=M` (N events, M ms apart, each stamped with the send time in µs since the
@@ -110,8 +110,12 @@ async fn main() {
     std::fs::write(ca_out, ca_cert.pem()).unwrap();
     let issuer = Issuer::new(ca_params, ca_key);
     let key = KeyPair::generate().unwrap();
-    let mut params =
-        CertificateParams::new(vec!["bench.test".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let mut params = CertificateParams::new(vec![
+        "bench.test".to_string(),
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+    ])
+    .unwrap();
     params.use_authority_key_identifier_extension = true;
     let cert = params.signed_by(&key, &issuer).unwrap();
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(

@@ -93,8 +93,8 @@ def oha(args):
 def main():
     if not shutil.which("oha"):
         subprocess.run(["cargo", "install", "--locked", "oha"], check=True)
-    subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "egress-proxy", "--example", "bench_origin"],
-                   cwd=ROOT, check=True)
+    for target in (["--bin", "egress-proxy"], ["--example", "bench_origin"]):
+        subprocess.run(["cargo", "build", "--release", "--locked"] + target, cwd=ROOT, check=True)
     work = tempfile.mkdtemp(prefix="egress-bench-")
     results = {}
     try:
@@ -104,9 +104,11 @@ def main():
         hosts = [f"h{i}.bench.test" for i in range(200)]
         routes = f"{work}/routes.yaml"
         with open(routes, "w") as f:
-            f.write(f"routes:\n  - host: bench.test\n    ports: [{oport}]\n    auth_scheme: Bearer\n    token_env: EGRESS_PROXY_TOKEN_0\n"
+            # oha resolves the target name even through a proxy, so the proxied URL
+            # names `localhost` (pinned by --resolve, as an operator would pin it).
+            f.write(f"routes:\n  - host: localhost\n    ports: [{oport}]\n    auth_scheme: Bearer\n    token_env: EGRESS_PROXY_TOKEN_0\n"
                     f"  - host: \"*.bench.test\"\n    ports: [{oport}]\n")
-        resolve = ",".join([f"bench.test:{oport}:127.0.0.1"] + [f"{h}:{oport}:127.0.0.1" for h in hosts])
+        resolve = ",".join([f"localhost:{oport}:127.0.0.1"] + [f"{h}:{oport}:127.0.0.1" for h in hosts])
         env = {"EGRESS_PROXY_RESOLVE": resolve}
 
         # Start to ready with an existing CA (the first start mints it).
@@ -170,7 +172,7 @@ def main():
             }
 
         direct_url = f"https://127.0.0.1:{oport}/small"
-        proxy_url = f"https://bench.test:{oport}/small"
+        proxy_url = f"https://localhost:{oport}/small"
         via = ["-x", f"http://127.0.0.1:{pport}", "--cacert", bottle_ca]
         measure("keepalive_c32", ["-c", "32", "--cacert", f"{work}/origin-ca.pem", direct_url],
                 ["-c", "32"] + via + [proxy_url])
