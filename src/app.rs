@@ -34,16 +34,27 @@ pub async fn run(config: Config) -> Result<(), String> {
     if let Some(dir) = &config.ca_export {
         ca.export(dir).map_err(|e| format!("--ca-export: {e}"))?;
     }
+    // Checked against the configured addresses before binding: a refused start must not
+    // have listened, even for a moment.
+    if let Some(proxy) = &config.upstream_proxy {
+        refuse_proxy_loop(
+            proxy,
+            &own_addresses(&[config.listen, config.admin]),
+            &config,
+        )
+        .await?;
+    }
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("--listen {}: {e}", config.listen))?;
     let admin = TcpListener::bind(config.admin)
         .await
         .map_err(|e| format!("--admin {}: {e}", config.admin))?;
-    let own_listeners = own_addresses(&[&listener, &admin]);
-    if let Some(proxy) = &config.upstream_proxy {
-        refuse_proxy_loop(proxy, &own_listeners, &config).await?;
-    }
+    let bound: Vec<SocketAddr> = [&listener, &admin]
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
+    let own_listeners = own_addresses(&bound);
     let upstream = Arc::new(
         Upstream::new(UpstreamSettings {
             connect_timeout: config.connect_timeout,
@@ -126,10 +137,10 @@ async fn drain(state: &ProxyState, grace: Duration, signals: &mut Signals) {
 
 /// Every address the proxy's listeners answer on: each bound address, and for one bound
 /// to an unspecified address (`0.0.0.0`, `::`), every local interface address too.
-fn own_addresses(listeners: &[&TcpListener]) -> Vec<SocketAddr> {
+fn own_addresses(listeners: &[SocketAddr]) -> Vec<SocketAddr> {
     let local = crate::sys::local_addresses();
     let mut out = Vec::new();
-    for addr in listeners.iter().filter_map(|l| l.local_addr().ok()) {
+    for &addr in listeners {
         out.push(addr);
         if addr.ip().is_unspecified() {
             out.extend(
