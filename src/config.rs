@@ -216,6 +216,18 @@ impl Config {
                         path.display()
                     ));
                 }
+                // Checked here, before anything listens, rather than when the TLS client
+                // configuration is built.
+                let mut store = rustls::RootCertStore::empty();
+                for (i, der) in roots.iter().enumerate() {
+                    store.add(der.clone()).map_err(|e| {
+                        format!(
+                            "--upstream-ca {}: certificate #{} is not a usable root: {e}",
+                            path.display(),
+                            i + 1
+                        )
+                    })?;
+                }
                 roots
             }
         };
