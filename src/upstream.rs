@@ -137,14 +137,6 @@ impl Pool {
             slot.h2.is_some() || !slot.idle_h1.is_empty()
         });
     }
-
-    fn idle_count(&self) -> usize {
-        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        slots
-            .values()
-            .map(|s| s.idle_h1.len() + usize::from(s.h2.is_some()))
-            .sum()
-    }
 }
 
 /// The upstream side of the proxy: shared by every tunnel.
@@ -191,10 +183,6 @@ impl Upstream {
         })
     }
 
-    pub fn settings(&self) -> &UpstreamSettings {
-        &self.settings
-    }
-
     /// Starts the task that drops idle pooled connections; it ends with the `Upstream`.
     pub fn spawn_reaper(self: &Arc<Self>) {
         let weak: Weak<Upstream> = Arc::downgrade(self);
@@ -208,10 +196,6 @@ impl Upstream {
                 }
             }
         });
-    }
-
-    pub fn idle_connections(&self) -> usize {
-        self.pool.idle_count()
     }
 
     /// Sends `req` (origin-form URI, `Host` header set) to `target`. When `replayable`

@@ -59,12 +59,6 @@ impl Host {
         Ok(Host::Name(name.to_ascii_lowercase()))
     }
 
-    /// The host as it goes into a TLS server name, a certificate and a `Host` header
-    /// (IPv6 without brackets; callers add them where a URI needs them).
-    pub fn as_str_for_display(&self) -> String {
-        self.to_string()
-    }
-
     pub fn ip(&self) -> Option<IpAddr> {
         match self {
             Host::Ip(ip) => Some(*ip),
