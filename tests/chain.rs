@@ -66,7 +66,7 @@ async fn requests_go_through_the_upstream_proxy_by_hostname_with_its_credentials
             .iter()
             .all(|s| !s.target.starts_with("direct.test"))
     );
-    let logs = proxy.logs();
+    let logs = proxy.logs_with("http://***@127.0.0.1");
     assert!(
         !logs.contains("p%40ss") && !logs.contains("dXNlcjpwQHNz") && !logs.contains(TOKEN),
         "{logs}"

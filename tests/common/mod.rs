@@ -524,6 +524,19 @@ impl Proxy {
         self.log.lock().unwrap().clone()
     }
 
+    /// The logs once they contain `needle` (the audit line of a request is written when
+    /// its response has been sent, a moment after the client has read it), or after 3 s.
+    pub fn logs_with(&self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            let logs = self.logs();
+            if logs.contains(needle) || std::time::Instant::now() > deadline {
+                return logs;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn ca_dir(&self) -> PathBuf {
         self.dir.path().join("ca")
     }
