@@ -78,6 +78,25 @@ pub fn parse_authority(s: &str) -> Option<(Host, Option<u16>)> {
     Some((Host::parse(host).ok()?, port))
 }
 
+/// Why a proxy target (a CONNECT authority, or an absolute-form URI's) was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetError {
+    /// An all-numeric name (`2130706433`, `127.1`), which resolvers read as an address:
+    /// refused outright as a destination (SPEC §4.3).
+    NumericHost,
+    /// Not `host[:port]`.
+    Malformed,
+}
+
+/// Parses the authority a proxy request names, refusing all-numeric host names first.
+pub fn parse_target(raw: &str) -> Result<(Host, Option<u16>), TargetError> {
+    let host_part = raw.rsplit_once(':').map(|(h, _)| h).unwrap_or(raw);
+    if let Err(crate::routes::HostError::Numeric) = Host::parse(host_part) {
+        return Err(TargetError::NumericHost);
+    }
+    parse_authority(raw).ok_or(TargetError::Malformed)
+}
+
 /// Checks that an authority (URI or `Host`) names `expected`: same host, and the same
 /// port when one is given.
 fn check_named_authority(what: &str, value: &str, expected: &Authority) -> Result<(), ProxyError> {

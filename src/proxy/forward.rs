@@ -22,8 +22,8 @@ use super::body::Tracked;
 use super::framing::HeadLog;
 use super::intercept::Tunnel;
 use crate::error::{ErrorKind, ProxyBody, ProxyError, empty_body};
-use crate::policy::{self, Authority, Channel, RequestView, parse_authority};
-use crate::routes::{Host, HostError, Injection};
+use crate::policy::{self, Authority, Channel, RequestView, TargetError, parse_target};
+use crate::routes::Injection;
 use crate::upstream::Target;
 
 /// A request inside an intercepted tunnel.
@@ -63,20 +63,22 @@ pub async fn plain_http(req: Request<Incoming>, conn: ClientConn) -> Response<Pr
         }
     }
     let raw = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
-    let host_part = raw.rsplit_once(':').map(|(h, _)| h).unwrap_or(raw);
-    if let Err(HostError::Numeric) = Host::parse(host_part) {
-        return refuse(
-            ErrorKind::DestinationNotAllowed,
-            "an all-numeric host name is refused",
-            "",
-        );
-    }
-    let Some((host, port)) = parse_authority(raw) else {
-        return refuse(
-            ErrorKind::BadRequest,
-            "request target has no valid host",
-            "",
-        );
+    let (host, port) = match parse_target(raw) {
+        Ok(target) => target,
+        Err(TargetError::NumericHost) => {
+            return refuse(
+                ErrorKind::DestinationNotAllowed,
+                "an all-numeric host name is refused",
+                "",
+            );
+        }
+        Err(TargetError::Malformed) => {
+            return refuse(
+                ErrorKind::BadRequest,
+                "request target has no valid host",
+                "",
+            );
+        }
     };
     let authority = Authority {
         host,

@@ -23,8 +23,7 @@ use super::framing::{HeadLog, Sniffed};
 use super::{ClientConn, OpenConnection, ProxyState, drive_connection, forward, intercept};
 use crate::destination;
 use crate::error::{ErrorKind, ProxyBody, ProxyError, empty_body};
-use crate::policy::{Authority, parse_authority};
-use crate::routes::{Host, HostError};
+use crate::policy::{Authority, TargetError, parse_target};
 
 /// Accepts connections until `shutdown` resolves.
 pub async fn serve(
@@ -213,20 +212,19 @@ fn connect_target(
     {
         return Err(bad("must be host:port", &shown));
     }
-    let host_part = raw.rsplit_once(':').map(|(h, _)| h).unwrap_or(raw);
-    if let Err(HostError::Numeric) = Host::parse(host_part) {
-        return Err((
-            ProxyError::new(
-                ErrorKind::DestinationNotAllowed,
-                format!("{shown}: an all-numeric host name is refused"),
-            ),
-            shown,
-        ));
-    }
-    let (host, port) = match parse_authority(raw) {
-        Some((h, Some(p))) => (h, p),
-        Some((_, None)) => return Err(bad("has no port", &shown)),
-        None => return Err(bad("is not a valid host:port", &shown)),
+    let (host, port) = match parse_target(raw) {
+        Ok((h, Some(p))) => (h, p),
+        Ok((_, None)) => return Err(bad("has no port", &shown)),
+        Err(TargetError::Malformed) => return Err(bad("is not a valid host:port", &shown)),
+        Err(TargetError::NumericHost) => {
+            return Err((
+                ProxyError::new(
+                    ErrorKind::DestinationNotAllowed,
+                    format!("{shown}: an all-numeric host name is refused"),
+                ),
+                shown,
+            ));
+        }
     };
     if let Some(ip) = host.ip()
         && destination::is_own_listener(SocketAddr::new(ip, port), &state.own_listeners)
