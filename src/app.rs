@@ -32,7 +32,8 @@ pub async fn run(config: Config) -> Result<(), String> {
     let (ca, origin) = BottleCa::load_or_mint(&config.ca_dir).map_err(|e| e.to_string())?;
     let bundle = Bytes::from(ca.bundle_pem());
     if let Some(dir) = &config.ca_export {
-        ca.export(dir).map_err(|e| format!("--ca-export: {e}"))?;
+        ca.export(dir, &bundle)
+            .map_err(|e| format!("--ca-export: {e}"))?;
     }
     // Checked against the configured addresses before binding: a refused start must not
     // have listened, even for a moment.
