@@ -12,6 +12,7 @@ pub mod chain;
 pub mod config;
 pub mod destination;
 pub mod error;
+pub mod logging;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use egress_proxy::ca::BottleCa;
-use egress_proxy::config::{CaCommand, Cli, Command, Config, LogFormat, RunArgs};
+use egress_proxy::config::{CaCommand, Cli, Command, Config, RunArgs};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -20,7 +20,11 @@ fn main() -> ExitCode {
             .map(|ca| print!("{}", ca.cert_pem()))
             .map_err(|e| e.to_string()),
         Some(Command::Health { admin }) => {
-            runtime(1).and_then(|rt| rt.block_on(egress_proxy::admin::probe(&admin)))
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("starting the runtime: {e}"))
+                .and_then(|rt| rt.block_on(egress_proxy::admin::probe(&admin)))
         }
     };
     match result {
@@ -36,38 +40,15 @@ fn run(args: RunArgs) -> Result<(), String> {
     // Before any token is read: nothing this process holds may reach a core dump.
     egress_proxy::sys::harden_process()?;
     let config = Config::from_args(args)?;
-    init_logging(config.log_format);
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2);
-    runtime(threads)?.block_on(egress_proxy::app::run(config))
+    egress_proxy::logging::init(config.log_format);
+    runtime()?.block_on(egress_proxy::app::run(config))
 }
 
-fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, String> {
+/// One worker thread per core (tokio's default; `TOKIO_WORKER_THREADS` overrides it).
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
         .enable_all()
         .build()
         .map_err(|e| format!("starting the runtime: {e}"))
 }
 
-fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
-            .init(),
-        LogFormat::Text => {
-            // Colour only for a person at a terminal, never into a log file.
-            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-            builder.compact().with_ansi(ansi).init()
-        }
-    }
-}

@@ -1,0 +1,267 @@
+//! Log output: one JSON object a line on stderr (SPEC §6), or compact text for a person.
+//!
+//! Why a formatter of our own: every request writes an audit line, and tracing-subscriber's
+//! JSON formatter first collects an event's fields into a map of `serde_json::Value`s,
+//! allocating a string for each, before it writes them. That was about a sixth of the
+//! proxy's CPU per small request (see docs/benchmarks.md). [`JsonLines`] writes each field
+//! straight into the line as the event is visited, escaped on the fly, and allocates
+//! nothing. The shape is the same: `timestamp`, `level`, the event's fields in order (the
+//! message, if any, under `message`), then `target`.
+
+use std::fmt::{self, Write};
+use std::time::SystemTime;
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
+
+use crate::config::LogFormat;
+
+/// Installs the process-wide subscriber: levels from `RUST_LOG` (default `info`), lines to
+/// stderr in `format`.
+pub fn init(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.event_format(JsonLines).init(),
+        LogFormat::Text => {
+            // Colour only for a person at a terminal, never into a log file.
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            builder.compact().with_ansi(ansi).init()
+        }
+    }
+}
+
+/// Formats each event as one JSON object, written field by field.
+pub struct JsonLines;
+
+impl<S, N> FormatEvent<S, N> for JsonLines
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let meta = event.metadata();
+        writer.write_str("{\"timestamp\":\"")?;
+        write_timestamp(&mut writer, SystemTime::now())?;
+        write!(writer, "\",\"level\":\"{}\"", meta.level())?;
+        let mut fields = JsonFields {
+            out: &mut writer,
+            result: Ok(()),
+        };
+        event.record(&mut fields);
+        fields.result?;
+        writer.write_str(",\"target\":")?;
+        write_json_str(&mut writer, meta.target())?;
+        writer.write_str("}\n")
+    }
+}
+
+/// Writes `,"name":value` for each field of an event.
+struct JsonFields<'w, W: Write> {
+    out: &'w mut W,
+    result: fmt::Result,
+}
+
+impl<W: Write> JsonFields<'_, W> {
+    fn field(&mut self, field: &Field, value: impl FnOnce(&mut W) -> fmt::Result) {
+        if self.result.is_ok() {
+            self.result = (|| {
+                self.out.write_char(',')?;
+                write_json_str(self.out, field.name())?;
+                self.out.write_char(':')?;
+                value(self.out)
+            })();
+        }
+    }
+}
+
+impl<W: Write> Visit for JsonFields<'_, W> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.field(field, |out| write_json_str(out, value));
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.field(field, |out| write!(out, "{value}"));
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.field(field, |out| write!(out, "{value}"));
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.field(field, |out| write!(out, "{value}"));
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        // JSON has no NaN or infinity: those become strings.
+        self.field(field, |out| {
+            if value.is_finite() {
+                write!(out, "{value}")
+            } else {
+                write!(out, "\"{value}\"")
+            }
+        });
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        // `%value` fields arrive here too, through a Debug that calls Display.
+        self.field(field, |out| {
+            out.write_char('"')?;
+            write!(JsonEscaped(out), "{value:?}")?;
+            out.write_char('"')
+        });
+    }
+}
+
+/// `value` as a JSON string, quotes included.
+fn write_json_str(out: &mut impl Write, value: &str) -> fmt::Result {
+    out.write_char('"')?;
+    JsonEscaped(&mut *out).write_str(value)?;
+    out.write_char('"')
+}
+
+/// A writer that escapes what passes through it for the inside of a JSON string.
+struct JsonEscaped<'a, W: Write>(&'a mut W);
+
+impl<W: Write> Write for JsonEscaped<'_, W> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let mut plain_from = 0;
+        for (i, b) in s.bytes().enumerate() {
+            let escape = match b {
+                b'"' => "\\\"",
+                b'\\' => "\\\\",
+                b'\n' => "\\n",
+                b'\r' => "\\r",
+                b'\t' => "\\t",
+                0..=0x1f => "",
+                _ => continue,
+            };
+            self.0.write_str(&s[plain_from..i])?;
+            if escape.is_empty() {
+                write!(self.0, "\\u{b:04x}")?;
+            } else {
+                self.0.write_str(escape)?;
+            }
+            plain_from = i + 1;
+        }
+        self.0.write_str(&s[plain_from..])
+    }
+}
+
+/// RFC 3339 in UTC with microseconds, as `2026-11-23T10:04:05.123456Z`.
+fn write_timestamp(out: &mut impl Write, now: SystemTime) -> fmt::Result {
+    let t = time::OffsetDateTime::from(now);
+    write!(
+        out,
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.microsecond()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, UNIX_EPOCH};
+
+    /// Runs `f` under a JSON-lines subscriber and returns what it wrote.
+    fn capture(f: impl FnOnce()) -> String {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || SharedWriter(sink.clone()))
+            .event_format(JsonLines)
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let bytes = buf.lock().map(|b| b.clone()).unwrap_or_default();
+        String::from_utf8(bytes).unwrap_or_default()
+    }
+
+    struct SharedWriter(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for SharedWriter {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            if let Ok(mut v) = self.0.lock() {
+                v.extend_from_slice(b);
+            }
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn an_event_is_one_json_object_with_its_fields_in_order() {
+        let client: std::net::SocketAddr = "127.0.0.1:4242".parse().unwrap();
+        let none: Option<&str> = None;
+        let out = capture(|| {
+            tracing::info!(
+                target: "egress_proxy::audit",
+                event = "request",
+                conn = 7u64,
+                client = %client,
+                route = Some(2usize),
+                reason = none,
+                ok = true,
+                delta = -3i64,
+                ratio = 0.5f64,
+                odd = f64::NAN,
+            );
+            tracing::warn!(file = "a\"b\\c\nd\u{1}e", "routes not reloaded");
+        });
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2, "{out}");
+        let first: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+        assert_eq!(first["level"], "INFO");
+        assert_eq!(first["event"], "request");
+        assert_eq!(first["conn"], 7);
+        assert_eq!(first["client"], "127.0.0.1:4242");
+        assert_eq!(first["route"], 2);
+        assert!(first.get("reason").is_none(), "None fields are left out");
+        assert_eq!(first["ok"], true);
+        assert_eq!(first["delta"], -3);
+        assert_eq!(first["ratio"], 0.5);
+        assert_eq!(first["odd"], "NaN");
+        assert_eq!(first["target"], "egress_proxy::audit");
+        let keys: Vec<&str> = ["timestamp", "level", "event", "conn", "client", "route"]
+            .into_iter()
+            .collect();
+        let positions: Vec<usize> = keys
+            .iter()
+            .map(|k| lines[0].find(&format!("\"{k}\":")).unwrap())
+            .collect();
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "{}", lines[0]);
+
+        let second: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
+        assert_eq!(second["level"], "WARN");
+        assert_eq!(second["message"], "routes not reloaded");
+        assert_eq!(second["file"], "a\"b\\c\nd\u{1}e");
+        assert!(lines[1].contains(r#""a\"b\\c\nd\u0001e""#), "{}", lines[1]);
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc_with_microseconds() {
+        let mut s = String::new();
+        let t = UNIX_EPOCH + Duration::from_micros(1_795_392_245_000_042);
+        write_timestamp(&mut s, t).unwrap();
+        assert_eq!(s, "2026-11-23T00:04:05.000042Z");
+    }
+}
