@@ -6,6 +6,11 @@ use clap::Parser;
 use egress_proxy::ca::BottleCa;
 use egress_proxy::config::{CaCommand, Cli, Command, Config, RunArgs};
 
+/// mimalloc: per-request allocations were ~7% of the proxy's CPU under glibc malloc
+/// (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -19,13 +24,11 @@ fn main() -> ExitCode {
         Some(Command::Ca(CaCommand::Show { ca_dir })) => BottleCa::load_existing(&ca_dir)
             .map(|ca| print!("{}", ca.cert_pem()))
             .map_err(|e| e.to_string()),
-        Some(Command::Health { admin }) => {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| format!("starting the runtime: {e}"))
-                .and_then(|rt| rt.block_on(egress_proxy::admin::probe(&admin)))
-        }
+        Some(Command::Health { admin }) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("starting the runtime: {e}"))
+            .and_then(|rt| rt.block_on(egress_proxy::admin::probe(&admin))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -41,14 +44,26 @@ fn run(args: RunArgs) -> Result<(), String> {
     egress_proxy::sys::harden_process()?;
     let config = Config::from_args(args)?;
     egress_proxy::logging::init(config.log_format);
-    runtime()?.block_on(egress_proxy::app::run(config))
+    // Run on the worker rather than on this thread: the accept loop then hands each new
+    // connection to the thread that serves it without waking another one.
+    runtime()?.block_on(async {
+        tokio::spawn(egress_proxy::app::run(config))
+            .await
+            .map_err(|e| format!("the proxy task ended abnormally: {e}"))?
+    })
 }
 
-/// One worker thread per core (tokio's default; `TOKIO_WORKER_THREADS` overrides it).
+/// One worker thread unless `TOKIO_WORKER_THREADS` asks for more. A sidecar shares its
+/// bottle's CPU with the agent, and one core serves tens of thousands of small requests a
+/// second; on the 2-core benchmark machine a second worker cost ~25% more CPU per request
+/// in cross-thread wake-ups and bought no throughput (docs/benchmarks.md).
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        builder.worker_threads(1);
+    }
+    builder
         .enable_all()
         .build()
         .map_err(|e| format!("starting the runtime: {e}"))
 }
-
