@@ -16,7 +16,10 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -106,6 +109,12 @@ async fn main() {
     let mut ca_params = CertificateParams::default();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    // Distinct names: OpenSSL-based clients (mitmproxy) take a leaf whose subject equals
+    // its issuer's for a self-signed certificate.
+    ca_params.distinguished_name = DistinguishedName::new();
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "bench origin CA");
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     std::fs::write(ca_out, ca_cert.pem()).unwrap();
     let issuer = Issuer::new(ca_params, ca_key);
@@ -117,6 +126,10 @@ async fn main() {
     ])
     .unwrap();
     params.use_authority_key_identifier_extension = true;
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "bench origin");
     let cert = params.signed_by(&key, &issuer).unwrap();
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
@@ -129,7 +142,12 @@ async fn main() {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
     )
     .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // BENCH_ORIGIN_HTTP1=1: an origin that offers only HTTP/1.1, as many APIs still do.
+    config.alpn_protocols = if std::env::var_os("BENCH_ORIGIN_HTTP1").is_some() {
+        vec![b"http/1.1".to_vec()]
+    } else {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    };
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
