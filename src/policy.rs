@@ -51,6 +51,12 @@ fn err(kind: ErrorKind, reason: impl Into<String>) -> ProxyError {
 
 /// Parses `host[:port]` from a `Host` header or URI authority.
 pub fn parse_authority(s: &str) -> Option<(Host, Option<u16>)> {
+    let (host, port) = split_authority(s)?;
+    Some((Host::parse(host).ok()?, port))
+}
+
+/// Splits `host[:port]` (IPv6 in brackets, kept) into the host text and a valid port.
+fn split_authority(s: &str) -> Option<(&str, Option<u16>)> {
     if s.contains('@') {
         return None;
     }
@@ -75,7 +81,7 @@ pub fn parse_authority(s: &str) -> Option<(Host, Option<u16>)> {
         }
         Some(_) => return None,
     };
-    Some((Host::parse(host).ok()?, port))
+    Some((host, port))
 }
 
 /// Why a proxy target (a CONNECT authority, or an absolute-form URI's) was refused.
@@ -100,9 +106,11 @@ pub fn parse_target(raw: &str) -> Result<(Host, Option<u16>), TargetError> {
 /// Checks that an authority (URI or `Host`) names `expected`: same host, and the same
 /// port when one is given.
 fn check_named_authority(what: &str, value: &str, expected: &Authority) -> Result<(), ProxyError> {
-    let (host, port) = parse_authority(value)
-        .ok_or_else(|| err(ErrorKind::BadRequest, format!("malformed {what}")))?;
-    if host != expected.host || port.is_some_and(|p| p != expected.port) {
+    let malformed = || err(ErrorKind::BadRequest, format!("malformed {what}"));
+    let (host, port) = split_authority(value).ok_or_else(malformed)?;
+    let same_host = expected.host.is_named_by(host).map_err(|_| malformed())?;
+    if !same_host || port.is_some_and(|p| p != expected.port) {
+        let host = Host::parse(host).map_or_else(|_| host.to_owned(), |h| h.to_string());
         return Err(err(
             ErrorKind::Misdirected,
             format!(
@@ -212,7 +220,10 @@ pub fn decide<'r, 'q>(
 /// True for a WebSocket upgrade (HTTP/1.1 GET, `Upgrade: websocket`, `Connection:
 /// upgrade`); any other upgrade (`h2c`, or one with a body) is refused.
 fn upgrade_requested(req: RequestView<'_>) -> Result<bool, ProxyError> {
-    let upgrade = req.headers.get_all(UPGRADE).iter().collect::<Vec<_>>();
+    let mut upgrades = req.headers.get_all(UPGRADE).iter();
+    let Some(upgrade) = upgrades.next() else {
+        return Ok(false);
+    };
     let connection_upgrade = req
         .headers
         .get_all(CONNECTION)
@@ -220,11 +231,8 @@ fn upgrade_requested(req: RequestView<'_>) -> Result<bool, ProxyError> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    if upgrade.is_empty() {
-        return Ok(false);
-    }
-    let websocket = upgrade.len() == 1
-        && upgrade[0]
+    let websocket = upgrades.next().is_none()
+        && upgrade
             .to_str()
             .is_ok_and(|v| v.trim().eq_ignore_ascii_case("websocket"));
     if !websocket {

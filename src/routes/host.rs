@@ -59,6 +59,26 @@ impl Host {
         Ok(Host::Name(name.to_ascii_lowercase()))
     }
 
+    /// Whether `input` (as [`Host::parse`] takes it) names this host, without building
+    /// a [`Host`]: the per-request check of `Host` and `:authority` allocates nothing.
+    /// A spelling `Host::parse` refuses is an error here too.
+    pub fn is_named_by(&self, input: &str) -> Result<bool, HostError> {
+        if input.is_empty() {
+            return Err(HostError::Empty);
+        }
+        if let Some(inner) = input.strip_prefix('[') {
+            let inner = inner.strip_suffix(']').ok_or(HostError::BadIpv6)?;
+            let ip = inner.parse::<Ipv6Addr>().map_err(|_| HostError::BadIpv6)?;
+            return Ok(*self == Host::Ip(IpAddr::V6(ip)));
+        }
+        if let Ok(ip) = input.parse::<IpAddr>() {
+            return Ok(*self == Host::Ip(ip));
+        }
+        let name = input.strip_suffix('.').unwrap_or(input);
+        validate_dns_name(name)?;
+        Ok(matches!(self, Host::Name(own) if own.eq_ignore_ascii_case(name)))
+    }
+
     pub fn ip(&self) -> Option<IpAddr> {
         match self {
             Host::Ip(ip) => Some(*ip),
@@ -305,6 +325,21 @@ mod props {
         fn parse_never_panics(s in "\\PC*") {
             let _ = Host::parse(&s);
             let _ = HostPattern::parse(&s);
+        }
+
+        /// `is_named_by` (the allocation-free per-request check) agrees with comparing
+        /// `Host::parse` results, for any input, including refusals.
+        #[test]
+        fn is_named_by_agrees_with_parse(
+            s in "(\\PC{0,12}|[A-Za-z0-9.-]{1,12}|\\[[0-9a-fA-F:.]{0,12}\\]?|[0-9.]{1,15})",
+            own in prop::sample::select(vec!["api.example.com", "127.0.0.1", "[::1]", "a1"]),
+        ) {
+            let own = Host::parse(own).unwrap();
+            let expected = Host::parse(&s).map(|h| h == own);
+            prop_assert_eq!(own.is_named_by(&s), expected);
+            for spelling in [own.authority_form(), own.to_string().to_uppercase(), format!("{own}.")] {
+                prop_assert_eq!(own.is_named_by(&spelling), Host::parse(&spelling).map(|h| h == own));
+            }
         }
 
         #[test]
