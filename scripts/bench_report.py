@@ -46,14 +46,17 @@ def main():
     sse = r["sse"]
     added = sse["egress"]["p99_ms"] - sse["direct"]["p99_ms"]
     mint = r["mint_extra_us"]
+    mint_cpu = r["mint_extra_cpu_us"]
     idle = r["idle_connections"]
     rl = r["reload"]
     rl_ratio = rl["p99_reloading_ms"] / rl["p99_quiet_ms"]
     other = [
         "| workload | egress-proxy | goal | met | mitmproxy |",
         "|---|---|---|---|---|",
-        f"| first contact with a new host (leaf minted): extra handshake time | {mint['egress']:.0f} µs | ≤ 50 µs | "
-        f"{'yes' if mint['egress'] <= 50 else '**no**'} | {mint.get('mitm', 0):.0f} µs |",
+        f"| first contact with a new host (leaf minted): extra handshake time seen by the client (extra proxy CPU) | "
+        f"{mint['egress']:.0f} µs ({mint_cpu['egress']:.0f} µs) | ≤ 50 µs | "
+        f"{'yes' if mint['egress'] <= 50 else '**no**'} | "
+        + (f"{mint['mitm']:.0f} µs ({mint_cpu['mitm']:.0f} µs)" if mitm else "") + " |",
         f"| SSE, one event every 100 ms: added latency p99 (p50) | {added:.2f} ms ({sse['egress']['p50_ms'] - sse['direct']['p50_ms']:.2f} ms); "
         f"most events in one read: {sse['egress']['most_events_per_read']} | ≤ 1 ms, no batching | "
         f"{'yes' if added <= 1 and sse['egress']['most_events_per_read'] == 1 else '**no**'} | "
