@@ -46,11 +46,13 @@ fn run(args: RunArgs) -> Result<(), String> {
     egress_proxy::logging::init(config.log_format);
     // Run on the worker rather than on this thread: the accept loop then hands each new
     // connection to the thread that serves it without waking another one.
-    runtime()?.block_on(async {
+    let outcome = runtime()?.block_on(async {
         tokio::spawn(egress_proxy::app::run(config))
             .await
             .map_err(|e| format!("the proxy task ended abnormally: {e}"))?
-    })
+    });
+    egress_proxy::logging::flush();
+    outcome
 }
 
 /// One worker thread unless `TOKIO_WORKER_THREADS` asks for more. A sidecar shares its
@@ -63,6 +65,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         builder.worker_threads(1);
     }
     builder
+        .on_thread_park(egress_proxy::logging::on_worker_park)
         .enable_all()
         .build()
         .map_err(|e| format!("starting the runtime: {e}"))
