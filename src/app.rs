@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::StreamExt;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_tokio::Signals;
@@ -30,10 +29,8 @@ pub async fn run(config: Config) -> Result<(), String> {
         .map_err(|e| format!("installing signal handlers: {e}"))?;
     let routes = crate::reload::load_routes(&config.routes)?;
     let (ca, origin) = BottleCa::load_or_mint(&config.ca_dir).map_err(|e| e.to_string())?;
-    let bundle = Bytes::from(ca.bundle_pem());
     if let Some(dir) = &config.ca_export {
-        ca.export(dir, &bundle)
-            .map_err(|e| format!("--ca-export: {e}"))?;
+        ca.export(dir).map_err(|e| format!("--ca-export: {e}"))?;
     }
     // Checked against the configured addresses before binding: a refused start must not
     // have listened, even for a moment.
@@ -93,7 +90,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         ca_dir = %config.ca_dir.display(),
         "egress-proxy serving"
     );
-    tokio::spawn(crate::admin::serve(admin, state.clone(), bundle));
+    tokio::spawn(crate::admin::serve(admin, state.clone()));
     let reloader = Reloader::start(state.clone(), config.routes.clone())?;
     let until_stop = async {
         while let Some(signal) = signals.next().await {

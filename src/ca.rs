@@ -224,13 +224,13 @@ impl BottleCa {
         out
     }
 
-    /// Writes `ca-cert.pem` and `bundle` (from [`BottleCa::bundle_pem`], which the caller
-    /// also serves, so it is built once) into `dir` (the volume the agent mounts), each
-    /// replaced atomically so an agent never reads half a file.
-    pub fn export(&self, dir: &Path, bundle: &[u8]) -> Result<(), CaError> {
+    /// Writes `ca-cert.pem` and the bundle ([`BottleCa::bundle_pem`]) into `dir` (the
+    /// volume the agent mounts), each replaced atomically so an agent never reads half a
+    /// file.
+    pub fn export(&self, dir: &Path) -> Result<(), CaError> {
         fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
         write_public_file(&dir.join(CA_CERT_FILE), self.cert_pem.as_bytes())?;
-        write_public_file(&dir.join(CA_BUNDLE_FILE), bundle)
+        write_public_file(&dir.join(CA_BUNDLE_FILE), self.bundle_pem().as_bytes())
     }
 
     /// Mints a leaf for `host` with `leaf_key`'s public key.
