@@ -42,7 +42,7 @@ pub async fn intercepted(req: Request<Incoming>, tunnel: Arc<Tunnel>) -> Respons
 pub async fn plain_http(req: Request<Incoming>, conn: ClientConn) -> Response<ProxyBody> {
     let refuse = |kind, reason: &str, host: &str| {
         let e = ProxyError::new(kind, reason);
-        RequestRecord::new(&conn, host, 0, &req, Instant::now()).refused(&e);
+        RequestRecord::new(&conn, host.to_owned(), 0, &req, Instant::now()).refused(&e);
         e.response(host, req.version() < Version::HTTP_2)
     };
     match req.uri().scheme_str() {
@@ -105,15 +105,21 @@ async fn process(
 ) -> Response<ProxyBody> {
     let started = Instant::now();
     let in_flight = conn.activity.begin();
-    let host = authority.host.to_string();
-    let mut record = RequestRecord::new(conn, &host, authority.port, &req, started);
+    let mut record = RequestRecord::new(
+        conn,
+        authority.host.to_string(),
+        authority.port,
+        &req,
+        started,
+    );
     let h1 = req.version() < Version::HTTP_2;
     let state = &conn.state;
 
     if let Some(Err(why)) = head_log.map(|log| log.check(req.method())) {
         let e = ProxyError::new(ErrorKind::BadRequest, format!("ambiguous framing: {why}"));
+        let response = e.response(&record.host, true);
         record.refused(&e);
-        return e.response(&host, true);
+        return response;
     }
     if head_size(&req) > state.limits.max_header_bytes {
         let e = ProxyError::new(
@@ -123,8 +129,9 @@ async fn process(
                 state.limits.max_header_bytes
             ),
         );
+        let response = e.response(&record.host, h1);
         record.refused(&e);
-        return e.response(&host, h1);
+        return response;
     }
     // The routes current now decide this request, even if a reload lands mid-flight.
     let routes = state.routes.load_full();
@@ -142,8 +149,9 @@ async fn process(
             websocket: allowed.websocket,
         },
         Err(e) => {
+            let response = e.response(&record.host, h1 && e.kind == ErrorKind::BadRequest);
             record.refused(&e);
-            return e.response(&host, h1 && e.kind == ErrorKind::BadRequest);
+            return response;
         }
     };
     drop(routes);
@@ -184,8 +192,9 @@ async fn process(
     let mut response = match sent {
         Ok(r) => r,
         Err(e) => {
+            let response = e.response(&record.host, false);
             record.failed(&e);
-            return e.response(&host, false);
+            return response;
         }
     };
     record.status = response.status().as_u16();
@@ -237,7 +246,12 @@ async fn relay_websocket(
 /// An approximation of the request head's size on the wire (HTTP/1.1 framing), used for
 /// the same limit over both HTTP versions.
 fn head_size<B>(req: &Request<B>) -> usize {
-    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    let uri = req.uri();
+    // The target as written, measured without formatting it.
+    let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(1, |pq| pq.as_str().len());
+    let line = req.method().as_str().len() + target + 12;
     let headers: usize = req
         .headers()
         .iter()
@@ -336,7 +350,7 @@ struct RequestRecord {
 impl RequestRecord {
     fn new<B>(
         conn: &ClientConn,
-        host: &str,
+        host: String,
         port: u16,
         req: &Request<B>,
         started: Instant,
@@ -345,7 +359,7 @@ impl RequestRecord {
             metrics: conn.state.metrics.clone(),
             conn: conn.id,
             client: conn.client,
-            host: host.to_owned(),
+            host,
             port,
             method: req.method().clone(),
             path: req.uri().path().to_owned(),
