@@ -10,23 +10,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use criterion::{Criterion, criterion_group, criterion_main};
 use egress_proxy::ca::{BottleCa, LeafCache};
 use egress_proxy::policy::{self, Authority, Channel, RequestView};
-use egress_proxy::routes::{Host, RouteTable, SecretSource, check_request_path};
+use egress_proxy::routes::{Host, OneSecret, RouteTable, check_request_path};
 use http::{Method, Request};
 
-struct FixedSecrets;
-
-impl SecretSource for FixedSecrets {
-    fn env(&self, _: &str) -> Option<String> {
-        Some("token-value".into())
-    }
-    fn file(&self, _: &str) -> Result<String, String> {
-        Ok("token-value".into())
-    }
-}
-
 fn policy(c: &mut Criterion) {
-    let Ok(routes) = RouteTable::from_text(include_str!("../routes.example.yaml"), &FixedSecrets)
-    else {
+    let Ok(routes) = RouteTable::from_text(
+        include_str!("../routes.example.yaml"),
+        &OneSecret("token-value"),
+    ) else {
         panic!("routes.example.yaml does not load");
     };
     let mut group = c.benchmark_group("policy");

@@ -7,7 +7,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
 use egress_proxy::policy::{self, Authority, Channel, RequestView};
-use egress_proxy::routes::{Host, RouteTable, SecretSource};
+use egress_proxy::routes::{Host, OneSecret, RouteTable};
 use http::{Method, Request, Version};
 
 struct CountingAllocator;
@@ -50,21 +50,13 @@ fn allocations_in<T>(f: impl FnOnce() -> T) -> (u64, T) {
     (ALLOCATIONS.with(Cell::get) - before, out)
 }
 
-struct FixedSecrets;
-
-impl SecretSource for FixedSecrets {
-    fn env(&self, _: &str) -> Option<String> {
-        Some("token-value".into())
-    }
-    fn file(&self, _: &str) -> Result<String, String> {
-        Ok("token-value".into())
-    }
-}
-
 #[test]
 fn an_allowed_request_is_decided_without_allocating() {
-    let routes = RouteTable::from_text(include_str!("../routes.example.yaml"), &FixedSecrets)
-        .expect("routes.example.yaml loads");
+    let routes = RouteTable::from_text(
+        include_str!("../routes.example.yaml"),
+        &OneSecret("token-value"),
+    )
+    .expect("routes.example.yaml loads");
     // (tunnel host, port, method, target, Host header, version)
     let cases = [
         (

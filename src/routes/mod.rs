@@ -50,6 +50,19 @@ pub trait SecretSource {
     fn file(&self, path: &str) -> Result<String, String>;
 }
 
+/// A [`SecretSource`] that answers every variable and every file with one value: for
+/// tests, fuzz targets and benchmarks that need a route table, not real secrets.
+pub struct OneSecret(pub &'static str);
+
+impl SecretSource for OneSecret {
+    fn env(&self, _: &str) -> Option<String> {
+        Some(self.0.to_owned())
+    }
+    fn file(&self, _: &str) -> Result<String, String> {
+        Ok(self.0.to_owned())
+    }
+}
+
 /// A loading or validation failure, naming where in the file it is.
 #[derive(Debug, thiserror::Error)]
 pub enum RoutesError {
