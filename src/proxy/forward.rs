@@ -42,8 +42,8 @@ pub async fn intercepted(req: Request<Incoming>, tunnel: Arc<Tunnel>) -> Respons
 pub async fn plain_http(req: Request<Incoming>, conn: ClientConn) -> Response<ProxyBody> {
     let refuse = |kind, reason: &str, host: &str| {
         let e = ProxyError::new(kind, reason);
-        RequestRecord::new(&conn, host.to_owned(), 0, &req, Instant::now()).refused(&e);
-        e.response(host, req.version() < Version::HTTP_2)
+        RequestRecord::new(&conn, host.to_owned(), 0, &req, Instant::now())
+            .refused(&e, req.version() < Version::HTTP_2)
     };
     match req.uri().scheme_str() {
         Some("http") => {}
@@ -117,9 +117,7 @@ async fn process(
 
     if let Some(Err(why)) = head_log.map(|log| log.check(req.method())) {
         let e = ProxyError::new(ErrorKind::BadRequest, format!("ambiguous framing: {why}"));
-        let response = e.response(&record.host, true);
-        record.refused(&e);
-        return response;
+        return record.refused(&e, true);
     }
     if head_size(&req) > state.limits.max_header_bytes {
         let e = ProxyError::new(
@@ -129,9 +127,7 @@ async fn process(
                 state.limits.max_header_bytes
             ),
         );
-        let response = e.response(&record.host, h1);
-        record.refused(&e);
-        return response;
+        return record.refused(&e, h1);
     }
     // The routes current now decide this request, even if a reload lands mid-flight.
     let routes = state.routes.load_full();
@@ -149,9 +145,7 @@ async fn process(
             websocket: allowed.websocket,
         },
         Err(e) => {
-            let response = e.response(&record.host, h1 && e.kind == ErrorKind::BadRequest);
-            record.refused(&e);
-            return response;
+            return record.refused(&e, h1 && e.kind == ErrorKind::BadRequest);
         }
     };
     drop(routes);
@@ -192,9 +186,7 @@ async fn process(
     let mut response = match sent {
         Ok(r) => r,
         Err(e) => {
-            let response = e.response(&record.host, false);
-            record.failed(&e);
-            return response;
+            return record.failed(&e, false);
         }
     };
     record.status = response.status().as_u16();
@@ -374,22 +366,29 @@ impl RequestRecord {
         }
     }
 
-    fn refused(mut self, e: &ProxyError) {
-        self.decision = "deny";
-        self.set_error(e);
+    /// Records a refusal (logged as the record drops) and returns the agent's answer.
+    fn refused(self, e: &ProxyError, close: bool) -> Response<ProxyBody> {
+        self.answer("deny", e, close)
     }
 
-    fn failed(mut self, e: &ProxyError) {
+    /// Records an upstream failure (logged as the record drops) and returns the answer.
+    fn failed(self, e: &ProxyError, close: bool) -> Response<ProxyBody> {
         self.metrics
             .count_upstream_error(e.kind.proxy_status_error());
-        self.decision = "error";
-        self.set_error(e);
+        self.answer("error", e, close)
     }
 
-    fn set_error(&mut self, e: &ProxyError) {
+    fn answer(
+        mut self,
+        decision: &'static str,
+        e: &ProxyError,
+        close: bool,
+    ) -> Response<ProxyBody> {
+        self.decision = decision;
         self.reason = Some(e.kind.code());
         self.status = e.kind.status().as_u16();
         self.detail = Some(e.reason.clone());
+        e.response(&self.host, close)
     }
 }
 
