@@ -193,35 +193,35 @@ def oha(args, seconds=SECONDS):
             "errors": errors, "p99_ms": p99 * 1000}
 
 
-def tunnel(proxy_port, host, port, ca, server_name=None):
+def read_head(sock):
+    """Reads until the end of a response head; returns everything read so far."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise OSError("closed before the end of the response head")
+        buf += chunk
+    return buf
+
+
+def tunnel(proxy_port, host, port, ca):
     """A TLS socket to host:port, through CONNECT when proxy_port is set."""
     if proxy_port is None:
         s = socket.create_connection(("127.0.0.1", port), timeout=30)
     else:
         s = socket.create_connection(("127.0.0.1", proxy_port), timeout=30)
         s.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = s.recv(1024)
-            if not chunk:
-                raise OSError("proxy closed the CONNECT")
-            head += chunk
+        head = read_head(s)
         if b" 200" not in head.split(b"\r\n", 1)[0]:
             raise OSError(f"CONNECT refused: {head[:60]!r}")
     ctx = ssl.create_default_context(cafile=ca)
     ctx.set_alpn_protocols(["http/1.1"])
-    return ctx.wrap_socket(s, server_hostname=server_name or host)
+    return ctx.wrap_socket(s, server_hostname=host)
 
 
 def read_response(t):
     """Reads one small HTTP/1.1 response with a Content-Length; returns the status line."""
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = t.recv(4096)
-        if not chunk:
-            raise OSError("closed before the response head")
-        buf += chunk
-    head, rest = buf.split(b"\r\n\r\n", 1)
+    head, rest = read_head(t).split(b"\r\n\r\n", 1)
     m = re.search(rb"(?i)content-length: *(\d+)", head)
     want = int(m.group(1)) if m else 0
     while len(rest) < want:
@@ -303,7 +303,7 @@ def percentile(values, p):
 
 # ---------------------------------------------------------------- workloads
 
-def measure_requests(setup, results, label, direct_args, proxied_args, per_target=None):
+def measure_requests(setup, results, label, direct_args, proxied_args):
     """oha load on each target; median req/s over RUNS and proxy CPU per request."""
     row = {}
     for name, port, ca, host, pid in setup.targets():
