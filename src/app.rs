@@ -48,11 +48,14 @@ pub async fn run(config: Config) -> Result<(), String> {
     let admin = TcpListener::bind(config.admin)
         .await
         .map_err(|e| format!("--admin {}: {e}", config.admin))?;
-    let bound: Vec<SocketAddr> = [&listener, &admin]
-        .iter()
-        .filter_map(|l| l.local_addr().ok())
-        .collect();
-    let own_listeners = own_addresses(&bound);
+    // What the listeners are bound to, which differs from the configuration for port 0.
+    let bound_listen = listener
+        .local_addr()
+        .map_err(|e| format!("--listen {}: {e}", config.listen))?;
+    let bound_admin = admin
+        .local_addr()
+        .map_err(|e| format!("--admin {}: {e}", config.admin))?;
+    let own_listeners = own_addresses(&[bound_listen, bound_admin]);
     let upstream = Arc::new(
         Upstream::new(UpstreamSettings {
             connect_timeout: config.connect_timeout,
@@ -82,8 +85,8 @@ pub async fn run(config: Config) -> Result<(), String> {
     tracing::info!(
         event = "start",
         upstream_proxy = via.as_deref(),
-        listen = %config.listen,
-        admin = %config.admin,
+        listen = %bound_listen,
+        admin = %bound_admin,
         routes = route_count,
         routes_file = %config.routes.display(),
         ca = if origin == CaOrigin::Minted { "minted" } else { "loaded" },

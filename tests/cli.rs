@@ -206,39 +206,32 @@ fn the_running_proxy_is_not_dumpable_and_writes_no_core() {
     let ca = dir.path().join("ca");
     std::fs::create_dir(&ca).unwrap();
     std::os::unix::fs::chown(&ca, Some(65534), Some(65534)).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let admin = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // Port 0 (a port picked here could be taken before the proxy binds it); the start
+    // line says the proxy is listening.
     let mut child = std::process::Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN])
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--admin",
-            &format!("127.0.0.1:{admin}"),
-        ])
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
         .arg("--routes")
         .arg(&routes)
         .arg("--ca-dir")
         .arg(&ca)
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut up = false;
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            up = true;
-            break;
+    let stderr = child.stderr.take().unwrap();
+    let (serving, started) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if line.contains("egress-proxy serving") {
+                let _ = serving.send(());
+            }
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    });
+    let up = started
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .is_ok();
     let pid = child.id();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();

@@ -444,12 +444,16 @@ impl ProxyBuilder {
                 p
             }
         };
-        let (port, admin_port) = (free_port(), free_port());
+        // Port 0, the proxy's start line tells which ports it got: a port picked here and
+        // bound by the proxy later can be taken in between (CI saw it, as the source port
+        // of another test's connection). Only the self-loop case needs its port up front,
+        // and that proxy refuses to start before it binds anything.
+        let port = if self.self_proxy { free_port() } else { 0 };
         let mut cmd = Command::new(BIN);
         cmd.arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--admin")
-            .arg(format!("127.0.0.1:{admin_port}"))
+            .arg("127.0.0.1:0")
             .arg("--routes")
             .arg(&routes)
             .arg("--ca-dir")
@@ -481,32 +485,50 @@ impl ProxyBuilder {
                 l.push('\n');
             }
         });
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        loop {
+        let (addr, admin) = loop {
             if let Ok(Some(_)) = child.try_wait() {
                 std::thread::sleep(Duration::from_millis(100));
                 return Err(log.lock().unwrap().clone());
             }
-            if std::net::TcpStream::connect(addr).is_ok() {
-                break;
+            let bound = {
+                let log = log.lock().unwrap();
+                bound_addr(&log, "listen").zip(bound_addr(&log, "admin"))
+            };
+            if let Some((addr, admin)) = bound
+                && std::net::TcpStream::connect(addr).is_ok()
+            {
+                break (addr, admin);
             }
             if std::time::Instant::now() > deadline {
                 let _ = child.kill();
                 return Err(format!("not listening after 15s: {}", log.lock().unwrap()));
             }
             std::thread::sleep(Duration::from_millis(20));
-        }
+        };
         let ca_pem = std::fs::read_to_string(dir.path().join("ca").join("ca-cert.pem")).unwrap();
         Ok(Proxy {
             child,
             addr,
-            admin: format!("127.0.0.1:{admin_port}").parse().unwrap(),
+            admin,
             dir,
             ca_pem,
             log,
         })
     }
+}
+
+/// The address the proxy's `start` line says a listener is bound to, in either log format
+/// (`"listen":"127.0.0.1:41234"` or `listen=127.0.0.1:41234`).
+fn bound_addr(log: &str, key: &str) -> Option<SocketAddr> {
+    let line = log.lines().find(|l| l.contains("egress-proxy serving"))?;
+    let after = [format!("\"{key}\":\""), format!(" {key}=")]
+        .iter()
+        .find_map(|k| line.find(k.as_str()).map(|i| &line[i + k.len()..]))?;
+    let end = after
+        .find(|c: char| c == '"' || c.is_whitespace())
+        .unwrap_or(after.len());
+    after[..end].parse().ok()
 }
 
 fn fxhash(s: &str) -> u64 {
