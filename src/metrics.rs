@@ -47,18 +47,40 @@ pub struct Metrics {
     pub bytes: Family<DirectionLabels, Counter>,
     pub open_connections: Gauge,
     pub open_tunnels: Gauge,
+    /// The series every forwarded request moves, looked up once: a family lookup takes a
+    /// lock and hashes the labels, three times per request otherwise.
+    requests_allowed: Counter,
+    bytes_up: Counter,
+    bytes_down: Counter,
 }
 
 impl Metrics {
     /// `leaf_hits`/`leaf_misses` are the leaf cache's own counters, registered as they are.
     pub fn new(leaf_hits: Counter, leaf_misses: Counter) -> Metrics {
         let mut registry = Registry::with_prefix("egress_proxy");
+        let requests: Family<DecisionLabels, Counter> = Family::default();
+        let bytes: Family<DirectionLabels, Counter> = Family::default();
+        let requests_allowed = requests
+            .get_or_create(&DecisionLabels {
+                decision: "allow",
+                reason: "ok",
+            })
+            .clone();
+        let bytes_up = bytes
+            .get_or_create(&DirectionLabels { direction: "up" })
+            .clone();
+        let bytes_down = bytes
+            .get_or_create(&DirectionLabels { direction: "down" })
+            .clone();
         let m = Metrics {
-            requests: Family::default(),
+            requests_allowed,
+            bytes_up,
+            bytes_down,
+            requests,
+            bytes,
             connects: Family::default(),
             reloads: Family::default(),
             upstream_errors: Family::default(),
-            bytes: Family::default(),
             open_connections: Gauge::default(),
             open_tunnels: Gauge::default(),
             registry: Registry::default(),
@@ -100,6 +122,10 @@ impl Metrics {
     }
 
     pub fn count_request(&self, decision: &'static str, reason: &'static str) {
+        if (decision, reason) == ("allow", "ok") {
+            self.requests_allowed.inc();
+            return;
+        }
         self.requests
             .get_or_create(&DecisionLabels { decision, reason })
             .inc();
@@ -123,12 +149,8 @@ impl Metrics {
     }
 
     pub fn count_bytes(&self, up: u64, down: u64) {
-        self.bytes
-            .get_or_create(&DirectionLabels { direction: "up" })
-            .inc_by(up);
-        self.bytes
-            .get_or_create(&DirectionLabels { direction: "down" })
-            .inc_by(down);
+        self.bytes_up.inc_by(up);
+        self.bytes_down.inc_by(down);
     }
 
     /// The Prometheus text exposition.
@@ -151,6 +173,8 @@ mod tests {
         let m = Metrics::new(hits.clone(), Counter::default());
         m.count_request("deny", "path_not_allowed");
         m.count_request("deny", "path_not_allowed");
+        m.count_request("allow", "ok");
+        m.count_bytes(5, 7);
         m.count_reload(false);
         hits.inc();
         m.open_connections.inc();
@@ -159,6 +183,14 @@ mod tests {
             text.contains(
                 r#"egress_proxy_requests_total{decision="deny",reason="path_not_allowed"} 2"#
             ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"egress_proxy_requests_total{decision="allow",reason="ok"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"egress_proxy_bytes_total{direction="down"} 7"#),
             "{text}"
         );
         assert!(
