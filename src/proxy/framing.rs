@@ -14,6 +14,7 @@
 //! applies.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use http::Method;
@@ -25,6 +26,8 @@ use super::observe::{IoObserver, Observed};
 pub struct HeadLog {
     window: Mutex<VecDeque<u8>>,
     capacity: usize,
+    /// Cleared once the connection stops carrying HTTP/1.1 heads (see [`HeadLog::stop`]).
+    recording: AtomicBool,
 }
 
 impl HeadLog {
@@ -32,16 +35,28 @@ impl HeadLog {
         Arc::new(HeadLog {
             window: Mutex::new(VecDeque::new()),
             capacity: max_head_bytes.saturating_mul(2).max(16 * 1024),
+            recording: AtomicBool::new(true),
         })
     }
 
     /// Records bytes the connection read (public for the fuzz target).
     pub fn record(&self, bytes: &[u8]) {
+        if !self.recording.load(Ordering::Relaxed) {
+            return;
+        }
         let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
         let bytes = &bytes[bytes.len().saturating_sub(self.capacity)..];
         let excess = (w.len() + bytes.len()).saturating_sub(self.capacity);
         w.drain(..excess);
         w.extend(bytes);
+    }
+
+    /// Stops recording and frees the window: the connection became a CONNECT tunnel,
+    /// whose bytes are TLS that no head check reads. Without this, every tunnel would copy
+    /// each byte the agent sends into a window that only grows, up to its capacity.
+    pub fn stop(&self) {
+        self.recording.store(false, Ordering::Relaxed);
+        *self.window.lock().unwrap_or_else(|p| p.into_inner()) = VecDeque::new();
     }
 
     /// Checks the raw head of the request hyper just parsed (found by its method at the
@@ -180,6 +195,16 @@ mod tests {
         // hyper hands over the first request first; its head is the last GET line.
         assert_eq!(log.check(&Method::GET), Ok(()));
         assert!(log.check(&Method::POST).is_err());
+    }
+
+    #[test]
+    fn a_stopped_log_records_nothing() {
+        let log = HeadLog::new(8192);
+        log.record(b"CONNECT a:443 HTTP/1.1\r\n\r\n");
+        log.stop();
+        log.record(&[0x16; 4096]);
+        let w = log.window.lock().unwrap();
+        assert!(w.is_empty() && w.capacity() == 0);
     }
 
     #[test]

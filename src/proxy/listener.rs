@@ -170,6 +170,8 @@ fn handle_connect(mut req: Request<Incoming>, conn: ClientConn) -> Response<Prox
         log_connect_refused(&conn, &shown, target.port, &e);
         return e.response(&shown, false);
     }
+    // From here the connection carries TLS, not plain-HTTP heads.
+    conn.plain_head_log.stop();
     // The allowed CONNECT is logged when its tunnel closes, with what it carried.
     let on_upgrade = hyper::upgrade::on(&mut req);
     let started = Instant::now();
