@@ -5,10 +5,14 @@
 //! The ClientHello is read before any certificate is chosen, so an SNI naming another
 //! host is refused with a TLS `unrecognized_name` alert and no leaf is minted for it.
 
+use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use http::{Request, Response};
+use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper::upgrade::Upgraded;
@@ -21,6 +25,7 @@ use super::framing::{HeadLog, Sniffed};
 use super::observe::{IoObserver, Observed};
 use super::{ClientConn, drive_connection, forward};
 use crate::ca::LeafCache;
+use crate::error::ProxyBody;
 use crate::policy::Authority;
 use crate::routes::Host;
 
@@ -50,9 +55,13 @@ pub async fn run(upgraded: Upgraded, authority: Authority, conn: ClientConn, sta
     let counters = Arc::new(Counters::default());
     let io = Observed::new(TokioIo::new(upgraded), counters.clone());
     let state = conn.state.clone();
+    // Boxed, like the TLS stream it returns and the HTTP server below: a task's future is
+    // allocated whole for the life of the tunnel, so neither the handshake's state nor a
+    // copy of a moved value may sit inline in it (1,000 idle tunnels would each keep
+    // them; docs/benchmarks.md).
     let handshake = tokio::time::timeout(
         state.limits.client_timeout,
-        accept_tls(io, &authority.host, &state.leaves),
+        Box::pin(accept_tls(io, &authority.host, &state.leaves)),
     )
     .await
     .unwrap_or_else(|_| Err(TlsFailure::Handshake("TLS handshake timed out".into())));
@@ -67,7 +76,11 @@ pub async fn run(upgraded: Upgraded, authority: Authority, conn: ClientConn, sta
                 head_log: (!h2).then(|| HeadLog::new(state.limits.max_header_bytes + 8192)),
             });
             metrics.open_tunnels.inc();
-            serve_http(tls, h2, tunnel).await;
+            if h2 {
+                serve_http2(tls, tunnel).await;
+            } else {
+                serve_http1(tls, tunnel).await;
+            }
             metrics.open_tunnels.dec();
             None
         }
@@ -104,44 +117,78 @@ pub async fn run(upgraded: Upgraded, authority: Authority, conn: ClientConn, sta
     }
 }
 
-async fn serve_http<IO>(tls: TlsStream<IO>, h2: bool, tunnel: Arc<Tunnel>)
+/// The request handler of a tunnel's HTTP server. Each request's future is boxed: hyper
+/// keeps room for one in-flight service future per connection for as long as the
+/// connection lives, and the forwarding future (upstream dial and TLS included) is
+/// several KiB, which an idle tunnel would otherwise hold.
+fn tunnel_service(
+    tunnel: Arc<Tunnel>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<ProxyBody>,
+    Error = Infallible,
+    Future = BoxedResponse,
+> + Clone {
+    service_fn(move |req| {
+        let tunnel = tunnel.clone();
+        Box::pin(async move { Ok(forward::intercepted(req, tunnel).await) }) as BoxedResponse
+    })
+}
+
+type BoxedResponse = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+async fn serve_http2<IO>(tls: Box<TlsStream<IO>>, tunnel: Arc<Tunnel>)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = &tunnel.conn.state.limits;
-    let idle = limits.idle_timeout;
-    let activity = tunnel.conn.activity.clone();
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(limits.max_header_bytes as u32)
+        .keep_alive_interval(None);
+    let conn =
+        Box::pin(builder.serve_connection(TokioIo::new(tls), tunnel_service(tunnel.clone())));
     let shutdown = tunnel.conn.state.shutdown_signal();
-    let service = {
-        let tunnel = tunnel.clone();
-        service_fn(move |req| {
-            let tunnel = tunnel.clone();
-            async move { Ok::<_, std::convert::Infallible>(forward::intercepted(req, tunnel).await) }
-        })
-    };
-    if h2 {
-        let io = TokioIo::new(tls);
-        let mut builder = http2::Builder::new(TokioExecutor::new());
+    drive_connection(
+        conn,
+        |c| c.graceful_shutdown(),
+        &tunnel.conn.activity,
+        limits.idle_timeout,
+        shutdown,
+    )
+    .await;
+}
+
+async fn serve_http1<IO>(tls: Box<TlsStream<IO>>, tunnel: Arc<Tunnel>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = &tunnel.conn.state.limits;
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.idle_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192) + 8192)
+        .max_header_size(limits.max_header_bytes + 8192)
+        .keep_alive(true);
+    let log = tunnel.head_log.clone().unwrap_or_else(|| HeadLog::new(0));
+    let io = TokioIo::new(Sniffed::new(tls, log));
+    let conn = Box::pin(
         builder
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(limits.max_concurrent_streams)
-            .max_header_list_size(limits.max_header_bytes as u32)
-            .keep_alive_interval(None);
-        let conn = builder.serve_connection(io, service);
-        drive_connection(conn, |c| c.graceful_shutdown(), &activity, idle, shutdown).await;
-    } else {
-        let mut builder = http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(idle)
-            .max_buf_size(limits.max_header_bytes.max(8192) + 8192)
-            .max_header_size(limits.max_header_bytes + 8192)
-            .keep_alive(true);
-        let log = tunnel.head_log.clone().unwrap_or_else(|| HeadLog::new(0));
-        let io = TokioIo::new(Sniffed::new(tls, log));
-        let conn = builder.serve_connection(io, service).with_upgrades();
-        drive_connection(conn, |c| c.graceful_shutdown(), &activity, idle, shutdown).await;
-    }
+            .serve_connection(io, tunnel_service(tunnel.clone()))
+            .with_upgrades(),
+    );
+    let shutdown = tunnel.conn.state.shutdown_signal();
+    drive_connection(
+        conn,
+        |c| c.graceful_shutdown(),
+        &tunnel.conn.activity,
+        limits.idle_timeout,
+        shutdown,
+    )
+    .await;
 }
 
 /// Reads the ClientHello, checks its SNI against the CONNECT host, and completes the
@@ -150,7 +197,7 @@ async fn accept_tls<IO>(
     mut io: IO,
     host: &Host,
     leaves: &LeafCache,
-) -> Result<TlsStream<IO>, TlsFailure>
+) -> Result<Box<TlsStream<IO>>, TlsFailure>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
@@ -201,6 +248,7 @@ where
     StartHandshake::from_parts(accepted, io)
         .into_stream(config)
         .await
+        .map(Box::new)
         .map_err(|e| TlsFailure::Handshake(e.to_string()))
 }
 

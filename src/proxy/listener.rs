@@ -117,12 +117,15 @@ async fn serve_client(stream: TcpStream, conn: ClientConn) {
         let conn = conn.clone();
         service_fn(move |req| {
             let conn = conn.clone();
-            async move { Ok::<_, Infallible>(handle(req, conn).await) }
+            // Boxed for the reason `intercept::tunnel_service` gives.
+            Box::pin(async move { Ok::<_, Infallible>(handle(req, conn).await) })
         })
     };
-    let connection = builder
-        .serve_connection(TokioIo::new(Sniffed::new(stream, head_log)), service)
-        .with_upgrades();
+    let connection = Box::pin(
+        builder
+            .serve_connection(TokioIo::new(Sniffed::new(stream, head_log)), service)
+            .with_upgrades(),
+    );
     drive_connection(
         connection,
         |c| c.graceful_shutdown(),

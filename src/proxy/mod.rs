@@ -159,8 +159,12 @@ impl Drop for InFlight {
 /// flight for `idle`.
 /// `graceful` starts the connection's own graceful shutdown (hyper's `graceful_shutdown`),
 /// which the proxy's shutdown also triggers: in-flight requests finish, then it closes.
+///
+/// The connection comes boxed: pinned in place here it would be stored twice in this
+/// future (as the argument and as the pinned local), and this future lives, allocated
+/// whole, for as long as the agent keeps the connection open.
 pub async fn drive_connection<C, G>(
-    conn: C,
+    mut conn: Pin<Box<C>>,
     graceful: G,
     activity: &Activity,
     idle: Duration,
@@ -169,7 +173,6 @@ pub async fn drive_connection<C, G>(
     C: Future,
     G: Fn(Pin<&mut C>),
 {
-    let mut conn = std::pin::pin!(conn);
     if *shutdown.borrow() {
         graceful(conn.as_mut());
     }
