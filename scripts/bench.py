@@ -305,47 +305,54 @@ def percentile(values, p):
 
 def measure_requests(setup, results, label, direct_args, proxied_args):
     """oha load on each target; median req/s over RUNS and proxy CPU per request."""
-    row = {}
-    for name, port, ca, host, pid in setup.targets():
-        url = f"https://{host}:{setup.oport}/small"
-        args = (direct_args if port is None else proxied_args + ["-x", f"http://127.0.0.1:{port}"]) + ["--cacert", ca, url]
-        rps, cpu = [], []
-        for _ in range(RUNS):
+    # Rounds alternate the targets (direct, egress-proxy, mitmproxy, direct, ...): this
+    # shared machine's speed drifts by more than 10% over a minute, and a ratio of runs
+    # taken minutes apart would measure the drift.
+    rps = {name: [] for name, *_ in setup.targets()}
+    cpu = {name: [] for name, *_ in setup.targets()}
+    for _ in range(RUNS):
+        for name, port, ca, host, pid in setup.targets():
+            url = f"https://{host}:{setup.oport}/small"
+            args = (direct_args if port is None else proxied_args + ["-x", f"http://127.0.0.1:{port}"]) + ["--cacert", ca, url]
             c0 = cpu_seconds(pid) if pid else 0
             r = oha(args)
             c1 = cpu_seconds(pid) if pid else 0
             bad = {k: v for k, v in r["codes"].items() if k != "200"}
             if bad or r["errors"]:
                 raise SystemExit(f"{label} via {name}: non-200 answers {bad}, {r['errors']} errors")
-            rps.append(r["rps"])
-            cpu.append((c1 - c0) / max(r["n"], 1) * 1e6)
-        row[name] = {"rps": statistics.median(rps), "cpu_us": statistics.median(cpu) if pid else None}
-    results[label] = row
+            rps[name].append(r["rps"])
+            cpu[name].append((c1 - c0) / max(r["n"], 1) * 1e6)
+    results[label] = {name: {"rps": statistics.median(rps[name]),
+                             "cpu_us": statistics.median(cpu[name]) if pid else None}
+                      for name, _, _, _, pid in setup.targets()}
 
 
 def measure_mint(setup, results):
-    """CONNECT + TLS handshake for a host seen for the first time vs the same host again:
-    medians over the hosts; the difference is what minting a leaf adds."""
+    """CONNECT + TLS handshake for a host seen for the first time, alternated with one for
+    a host seen before (its leaf cached): medians of each, and of the proxy's CPU for
+    each; the differences are what minting a leaf adds. Alternating keeps the machine's
+    drift out of the difference (two passes, new hosts then cached ones, measured it)."""
     row, cpu = {}, {}
     for name, port, ca, _, pid in setup.targets():
         if port is None:
             continue
 
         def handshake(host):
+            c0 = cpu_seconds(pid)
             t0 = time.perf_counter()
             t = tunnel(port, host, setup.oport, ca)
             dt = time.perf_counter() - t0
             t.close()
-            return dt
+            return dt, cpu_seconds(pid) - c0
 
-        hosts = [h.replace("h", f"{name}-", 1) for h in setup.hosts]
-        c0 = cpu_seconds(pid)
-        new = [handshake(h) for h in hosts]
-        c1 = cpu_seconds(pid)
-        cached = [handshake(h) for h in hosts]
-        c2 = cpu_seconds(pid)
-        row[name] = (statistics.median(new) - statistics.median(cached)) * 1e6
-        cpu[name] = ((c1 - c0) - (c2 - c1)) / len(hosts) * 1e6
+        warm = f"{name}-warm.bench.test"
+        handshake(warm)
+        new, cached = [], []
+        for h in setup.hosts:
+            new.append(handshake(h.replace("h", f"{name}-", 1)))
+            cached.append(handshake(warm))
+        row[name] = (statistics.median(d for d, _ in new) - statistics.median(d for d, _ in cached)) * 1e6
+        cpu[name] = (statistics.median(c for _, c in new) - statistics.median(c for _, c in cached)) * 1e6
     results["mint_extra_us"] = row
     results["mint_extra_cpu_us"] = cpu
 
@@ -353,20 +360,22 @@ def measure_mint(setup, results):
 def measure_transfers(setup, results):
     size = TRANSFER_MIB * 1024 * 1024
     for label, kwargs in (("download", {"download_bytes": size}), ("upload", {"upload_bytes": size})):
-        row = {}
-        for name, port, ca, host, pid in setup.targets():
-            speeds, growth, cpu = [], [], []
-            for _ in range(RUNS):
+        # Alternating rounds, as in measure_requests.
+        speeds = {name: [] for name, *_ in setup.targets()}
+        growth = {name: [] for name, *_ in setup.targets()}
+        cpu = {name: [] for name, *_ in setup.targets()}
+        for _ in range(RUNS):
+            for name, port, ca, host, pid in setup.targets():
                 c0 = cpu_seconds(pid) if pid else 0
                 with RssSampler(pid) as rss:
-                    speeds.append(curl_transfer(port, ca, host, setup.oport, **kwargs))
+                    speeds[name].append(curl_transfer(port, ca, host, setup.oport, **kwargs))
                 c1 = cpu_seconds(pid) if pid else 0
-                growth.append(max(0, rss.peak - rss.before))
-                cpu.append((c1 - c0) / (size / 2**30))
-            row[name] = {"bytes_per_s": statistics.median(speeds),
-                         "rss_growth_kib": max(growth) if pid else None,
-                         "cpu_s_per_gib": statistics.median(cpu) if pid else None}
-        results[label] = row
+                growth[name].append(max(0, rss.peak - rss.before))
+                cpu[name].append((c1 - c0) / (size / 2**30))
+        results[label] = {name: {"bytes_per_s": statistics.median(speeds[name]),
+                                 "rss_growth_kib": max(growth[name]) if pid else None,
+                                 "cpu_s_per_gib": statistics.median(cpu[name]) if pid else None}
+                          for name, _, _, _, pid in setup.targets()}
 
 
 def measure_sse(setup, results, events=50, interval_ms=100):

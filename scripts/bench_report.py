@@ -95,7 +95,9 @@ leaf minting and idle connections. Origin: `examples/bench_origin.rs` (hyper + r
 offers h2 and http/1.1). egress-proxy: the release build, logging every request at `info`
 to a file, as deployed. mitmproxy {MITM} in regular mode with `scripts/bench_mitm_addon.py`
 (the same allowlist and header injection, bodies streamed). Ratio = through the proxy ÷
-direct, measured in the same run. CPU is the proxy process's user + system time.
+direct, measured in the same run, with the runs of the targets alternated (direct,
+egress-proxy, mitmproxy, direct, ...) so that the machine's drift falls on all of them.
+CPU is the proxy process's user + system time.
 The raw figures are in `docs/benchmarks.json`.
 
 {chr(10).join(table)}

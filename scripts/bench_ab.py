@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""A/B of egress-proxy builds: several binaries against one origin, their runs alternated
+(A, B, A, B, ...) so that the machine's drift falls on each alike; prints medians. For
+measuring one change at a time, which `scripts/bench` (every workload, once) cannot
+resolve on a shared machine. Loopback only, bounded like scripts/bench.py.
+
+    scripts/bench_ab.py BIN_A,BIN_B [keepalive|newconn|download|upload|idle]
+
+Environment: AB_ROUNDS (4), AB_SECONDS (6) per oha run, AB_MIB (1024) per transfer,
+BENCH_IDLE_CONNECTIONS (1000). Build the origin first: cargo build --release --example
+bench_origin.
+"""
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+os.environ["BENCH_MITM"] = "0"
+import bench  # noqa: E402
+
+
+def main():
+    bins = sys.argv[1].split(",")
+    mode = sys.argv[2] if len(sys.argv) > 2 else "keepalive"
+    rounds = int(os.environ.get("AB_ROUNDS", "4"))
+    seconds = int(os.environ.get("AB_SECONDS", "6"))
+    size = int(os.environ.get("AB_MIB", "1024")) * 2**20
+    work = tempfile.mkdtemp(prefix="egress-ab-")
+    try:
+        setup = bench.Setup(work)
+        proxies = []
+        for b in bins:
+            bench.BIN = b
+            port = bench.free_port()
+            p = setup.start_egress(port, bench.free_port())
+            bench.wait_port(port)
+            proxies.append((b, port, p))
+        time.sleep(0.5)
+        figures = {b: [] for b in bins}
+        load = ["-c", "32"] if mode == "keepalive" else ["-c", "8", "--disable-keepalive"]
+        for _ in range(rounds):
+            for b, port, p in proxies:
+                c0 = bench.cpu_seconds(p.pid)
+                if mode in ("keepalive", "newconn"):
+                    r = bench.oha(load + ["-x", f"http://127.0.0.1:{port}", "--cacert", setup.bottle_ca,
+                                          f"https://localhost:{setup.oport}/small"], seconds=seconds)
+                    figures[b].append((r["rps"], (bench.cpu_seconds(p.pid) - c0) / max(r["n"], 1) * 1e6))
+                elif mode in ("download", "upload"):
+                    kw = {"download_bytes": size} if mode == "download" else {"upload_bytes": size}
+                    speed = bench.curl_transfer(port, setup.bottle_ca, "localhost", setup.oport, **kw)
+                    figures[b].append((speed / 2**20, (bench.cpu_seconds(p.pid) - c0) / (size / 2**30)))
+                elif mode == "idle":
+                    setup.targets = lambda port=port, p=p: [("egress", port, setup.bottle_ca, "localhost", p.pid)]
+                    out = {}
+                    bench.measure_idle_connections(setup, out)
+                    figures[b].append((out["idle_connections"]["egress"]["kib_per_connection"], 0.0))
+                else:
+                    raise SystemExit(f"unknown mode {mode}")
+        unit = {"keepalive": ("req/s", "µs CPU/request"), "newconn": ("req/s", "µs CPU/request"),
+                "download": ("MiB/s", "s CPU/GiB"), "upload": ("MiB/s", "s CPU/GiB"),
+                "idle": ("KiB RSS/connection", "")}[mode]
+        for b in bins:
+            a = [x for x, _ in figures[b]]
+            c = [y for _, y in figures[b]]
+            line = f"{b}: median {statistics.median(a):,.1f} {unit[0]}"
+            if unit[1]:
+                line += f", {statistics.median(c):.2f} {unit[1]}"
+            print(line + f"  (runs: {[round(x, 1) for x in a]})")
+    finally:
+        for p in bench.procs:
+            p.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
