@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -150,15 +150,7 @@ where
         .keep_alive_interval(None);
     let conn =
         Box::pin(builder.serve_connection(TokioIo::new(tls), tunnel_service(tunnel.clone())));
-    let shutdown = tunnel.conn.state.shutdown_signal();
-    drive_connection(
-        conn,
-        |c| c.graceful_shutdown(),
-        &tunnel.conn.activity,
-        limits.idle_timeout,
-        shutdown,
-    )
-    .await;
+    drive(conn, |c| c.graceful_shutdown(), &tunnel).await;
 }
 
 async fn serve_http1<IO>(tls: Box<TlsStream<IO>>, tunnel: Arc<Tunnel>)
@@ -166,13 +158,7 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = &tunnel.conn.state.limits;
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.idle_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8192) + 8192)
-        .max_header_size(limits.max_header_bytes + 8192)
-        .keep_alive(true);
+    let builder = limits.http1_server(limits.idle_timeout);
     let log = tunnel.head_log.clone().unwrap_or_else(|| HeadLog::new(0));
     let io = TokioIo::new(Sniffed::new(tls, log));
     let conn = Box::pin(
@@ -180,13 +166,24 @@ where
             .serve_connection(io, tunnel_service(tunnel.clone()))
             .with_upgrades(),
     );
-    let shutdown = tunnel.conn.state.shutdown_signal();
+    drive(conn, |c| c.graceful_shutdown(), &tunnel).await;
+}
+
+/// Serves a tunnel's HTTP connection until the agent closes it, it stays idle too long or
+/// the proxy shuts down.
+async fn drive<C, G>(conn: Pin<Box<C>>, graceful: G, tunnel: &Tunnel)
+where
+    C: Future,
+    G: Fn(Pin<&mut C>),
+{
+    let state = &tunnel.conn.state;
+    let idle = state.limits.idle_timeout;
     drive_connection(
         conn,
-        |c| c.graceful_shutdown(),
+        graceful,
         &tunnel.conn.activity,
-        limits.idle_timeout,
-        shutdown,
+        idle,
+        state.shutdown_signal(),
     )
     .await;
 }

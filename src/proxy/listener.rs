@@ -13,9 +13,8 @@ use std::time::{Duration, Instant};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -103,13 +102,7 @@ async fn refuse_over_limit(mut stream: TcpStream, client: SocketAddr, state: Arc
 async fn serve_client(stream: TcpStream, conn: ClientConn) {
     let head_log = conn.plain_head_log.clone();
     let limits = &conn.state.limits;
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.client_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8192) + 8192)
-        .max_header_size(limits.max_header_bytes + 8192)
-        .keep_alive(true);
+    let builder = limits.http1_server(limits.client_timeout);
     let idle = limits.idle_timeout;
     let activity = conn.activity.clone();
     let shutdown = conn.state.shutdown_signal();

@@ -42,6 +42,21 @@ pub struct ClientLimits {
     pub max_concurrent_streams: u32,
 }
 
+impl ClientLimits {
+    /// The HTTP/1.1 server every agent connection gets (the listener's and a tunnel's);
+    /// `head_timeout` bounds the wait for a request head.
+    fn http1_server(&self, head_timeout: Duration) -> hyper::server::conn::http1::Builder {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(head_timeout)
+            .max_buf_size(self.max_header_bytes.max(8192) + 8192)
+            .max_header_size(self.max_header_bytes + 8192)
+            .keep_alive(true);
+        builder
+    }
+}
+
 /// What every connection shares.
 pub struct ProxyState {
     /// The routes in force; swapped whole on reload, read once per request.
