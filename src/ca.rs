@@ -27,7 +27,7 @@ use rcgen::{
 };
 use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
-use rustls::server::{ProducesTickets, ServerSessionMemoryCache, StoresServerSessions};
+use rustls::server::{ResolvesServerCertUsingSni, ServerSessionMemoryCache};
 use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
@@ -386,13 +386,14 @@ struct CachedLeaf {
 /// Mints leaves and caches one `ServerConfig` per host.
 pub struct LeafCache {
     ca: BottleCa,
-    provider: Arc<CryptoProvider>,
     /// The one key every leaf certifies (rcgen side, to put its public key in the leaf).
     leaf_key: KeyPair,
     /// The same key for rustls to sign handshakes with.
     signing_key: Arc<dyn rustls::sign::SigningKey>,
-    session_storage: Arc<dyn StoresServerSessions>,
-    ticketer: Arc<dyn ProducesTickets>,
+    /// Every setting a leaf's TLS configuration has but its certificate: each host's
+    /// configuration is a clone with its own resolver. Building one through rustls'
+    /// builder each time also allocated a session cache only to replace it.
+    base_config: ServerConfig,
     capacity: usize,
     entries: Mutex<(HashMap<Host, CachedLeaf>, u64)>,
     hits: Counter,
@@ -420,13 +421,23 @@ impl LeafCache {
             .map_err(|e| mint_err("the leaf key", e))?;
         let ticketer =
             rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| mint_err("the ticketer", e))?;
+        let mut base_config = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| mint_err("the TLS configuration", e))?
+            .with_no_client_auth()
+            // Replaced in every clone (`build_config`); this one resolves nothing.
+            .with_cert_resolver(Arc::new(ResolvesServerCertUsingSni::new()));
+        base_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // Our suite order (see `crypto_provider`), not the agent's.
+        base_config.ignore_client_order = true;
+        // Shared by every host's configuration, so resumption works across tunnels.
+        base_config.session_storage = ServerSessionMemoryCache::new(4096);
+        base_config.ticketer = ticketer;
         Ok(LeafCache {
             ca,
-            provider,
             leaf_key,
             signing_key,
-            session_storage: ServerSessionMemoryCache::new(4096),
-            ticketer,
+            base_config,
             capacity: capacity.max(1),
             entries: Mutex::new((HashMap::new(), 0)),
             hits: Counter::default(),
@@ -496,16 +507,8 @@ impl LeafCache {
     fn build_config(&self, host: &Host, now: SystemTime) -> Result<Arc<ServerConfig>, CaError> {
         let leaf = self.ca.mint_leaf(host, &self.leaf_key, now)?;
         let certified = CertifiedKey::new(vec![leaf], self.signing_key.clone());
-        let mut config = ServerConfig::builder_with_provider(self.provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| mint_err(host, e))?
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        // Our suite order (see `crypto_provider`), not the agent's.
-        config.ignore_client_order = true;
-        config.session_storage = self.session_storage.clone();
-        config.ticketer = self.ticketer.clone();
+        let mut config = self.base_config.clone();
+        config.cert_resolver = Arc::new(SingleCertAndKey::from(certified));
         Ok(Arc::new(config))
     }
 }
