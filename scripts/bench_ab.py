@@ -4,7 +4,7 @@
 measuring one change at a time, which `scripts/bench` (every workload, once) cannot
 resolve on a shared machine. Loopback only, bounded like scripts/bench.py.
 
-    scripts/bench_ab.py BIN_A,BIN_B [keepalive|newconn|download|upload|idle]
+    scripts/bench_ab.py BIN_A,BIN_B [keepalive|newconn|download|upload|idle|mint]
 
 Environment: AB_ROUNDS (4), AB_SECONDS (6) per oha run, AB_MIB (1024) per transfer,
 BENCH_IDLE_CONNECTIONS (1000). Build the origin first: cargo build --release --example
@@ -52,16 +52,23 @@ def main():
                     kw = {"download_bytes": size} if mode == "download" else {"upload_bytes": size}
                     speed = bench.curl_transfer(port, setup.bottle_ca, "localhost", setup.oport, **kw)
                     figures[b].append((speed / 2**20, (bench.cpu_seconds(p.pid) - c0) / (size / 2**30)))
-                elif mode == "idle":
+                elif mode in ("idle", "mint"):
                     setup.targets = lambda port=port, p=p: [("egress", port, setup.bottle_ca, "localhost", p.pid)]
                     out = {}
-                    bench.measure_idle_connections(setup, out)
-                    figures[b].append((out["idle_connections"]["egress"]["kib_per_connection"], 0.0))
+                    if mode == "idle":
+                        bench.measure_idle_connections(setup, out)
+                        figures[b].append((out["idle_connections"]["egress"]["kib_per_connection"], 0.0))
+                    else:
+                        # Host names of their own per round, so every round mints anew.
+                        setup.hosts = [f"h{i}-r{len(figures[b])}.bench.test" for i in range(200)]
+                        bench.measure_mint(setup, out)
+                        figures[b].append((out["mint_extra_us"]["egress"], out["mint_extra_cpu_us"]["egress"]))
                 else:
                     raise SystemExit(f"unknown mode {mode}")
         unit = {"keepalive": ("req/s", "µs CPU/request"), "newconn": ("req/s", "µs CPU/request"),
                 "download": ("MiB/s", "s CPU/GiB"), "upload": ("MiB/s", "s CPU/GiB"),
-                "idle": ("KiB RSS/connection", "")}[mode]
+                "idle": ("KiB RSS/connection", ""),
+                "mint": ("µs extra handshake time for a new host", "µs extra CPU")}[mode]
         for b in bins:
             a = [x for x, _ in figures[b]]
             c = [y for _, y in figures[b]]

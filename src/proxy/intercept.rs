@@ -2,8 +2,9 @@
 //! host, then an HTTP/1.1 or HTTP/2 server (as the agent's ALPN chose) whose every
 //! request goes to [`super::forward::intercepted`].
 //!
-//! The ClientHello is read before any certificate is chosen, so an SNI naming another
-//! host is refused with a TLS `unrecognized_name` alert and no leaf is minted for it.
+//! The leaf is for the CONNECT host only, chosen (minted, the first time) as soon as the
+//! tunnel opens, while the agent builds its ClientHello. An SNI naming another host is
+//! refused with a TLS `unrecognized_name` alert, and no leaf is ever minted for it.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -17,6 +18,7 @@ use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::StartHandshake;
 use tokio_rustls::server::TlsStream;
@@ -24,7 +26,7 @@ use tokio_rustls::server::TlsStream;
 use super::framing::{HeadLog, Sniffed};
 use super::observe::{IoObserver, Observed};
 use super::{ClientConn, drive_connection, forward};
-use crate::ca::LeafCache;
+use crate::ca::CaError;
 use crate::error::ProxyBody;
 use crate::policy::Authority;
 use crate::routes::Host;
@@ -55,13 +57,18 @@ pub async fn run(upgraded: Upgraded, authority: Authority, conn: ClientConn, sta
     let counters = Arc::new(Counters::default());
     let io = Observed::new(TokioIo::new(upgraded), counters.clone());
     let state = conn.state.clone();
+    // The leaf is chosen (minted, for a host seen for the first time) now, while the
+    // agent, which has just read the 200, builds its ClientHello: the mint overlaps the
+    // agent's own work instead of adding to its handshake. Only the CONNECT host, which
+    // the routes allowed, can get a leaf; the SNI is checked against it below.
+    let leaf = state.leaves.server_config(&authority.host);
     // Boxed, like the TLS stream it returns and the HTTP server below: a task's future is
     // allocated whole for the life of the tunnel, so neither the handshake's state nor a
     // copy of a moved value may sit inline in it (1,000 idle tunnels would each keep
     // them; docs/benchmarks.md).
     let handshake = tokio::time::timeout(
         state.limits.client_timeout,
-        Box::pin(accept_tls(io, &authority.host, &state.leaves)),
+        Box::pin(accept_tls(io, &authority.host, leaf)),
     )
     .await
     .unwrap_or_else(|_| Err(TlsFailure::Handshake("TLS handshake timed out".into())));
@@ -193,7 +200,7 @@ where
 async fn accept_tls<IO>(
     mut io: IO,
     host: &Host,
-    leaves: &LeafCache,
+    leaf: Result<Arc<ServerConfig>, CaError>,
 ) -> Result<Box<TlsStream<IO>>, TlsFailure>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
@@ -239,9 +246,7 @@ where
         let _ = io.shutdown().await;
         return Err(TlsFailure::Misdirected(sni));
     }
-    let config = leaves
-        .server_config(host)
-        .map_err(|e| TlsFailure::Handshake(e.to_string()))?;
+    let config = leaf.map_err(|e| TlsFailure::Handshake(e.to_string()))?;
     StartHandshake::from_parts(accepted, io)
         .into_stream(config)
         .await
