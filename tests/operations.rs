@@ -675,3 +675,24 @@ async fn a_second_signal_exits_at_once() {
     assert!(start.elapsed() < Duration::from_secs(2));
     drop(resp);
 }
+
+#[tokio::test]
+async fn a_new_hosts_leaf_is_minted_when_its_tunnel_opens_not_after_the_client_hello() {
+    let proxy = ProxyBuilder::new("routes:\n  - host: a.test\n").start();
+    let (status, _, _tunnel) = proxy.connect("a.test:443").await;
+    assert_eq!(status, 200);
+    // No ClientHello has been sent: the leaf is minted while an agent would be building
+    // it, so the mint does not add to the agent's handshake.
+    let mut misses = 0.0;
+    for _ in 0..100 {
+        misses = metric(
+            &admin_get(&proxy, "/metrics").await.1,
+            "egress_proxy_leaf_cache_misses_total",
+        );
+        if misses == 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(misses, 1.0);
+}
