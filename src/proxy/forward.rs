@@ -254,15 +254,16 @@ fn head_size<B>(req: &Request<B>) -> usize {
 
 /// Headers that describe one hop, never forwarded either way (RFC 9110 §7.6.1), plus
 /// the proxy's own credentials.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authorization",
-    "proxy-authenticate",
-    "te",
-    "transfer-encoding",
-    "upgrade",
+/// `HeaderName`s, not strings: a string is parsed into a name on every removal.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Removes hop-by-hop headers and those the `Connection` header names.
