@@ -5,6 +5,8 @@ FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY .cargo ./.cargo
+COPY build.rs ./
+COPY link ./link
 COPY src ./src
 RUN cargo build --release --locked --bin egress-proxy \
  && mkdir -p /out/etc/egress-proxy /out/var/lib/egress-proxy /out/ca-export \
