@@ -7,6 +7,8 @@ COPY Cargo.toml Cargo.lock ./
 COPY .cargo ./.cargo
 COPY build.rs ./
 COPY link ./link
+# Cargo.toml declares the criterion bench, so cargo needs its source to read the manifest.
+COPY benches ./benches
 COPY src ./src
 RUN cargo build --release --locked --bin egress-proxy \
  && mkdir -p /out/etc/egress-proxy /out/var/lib/egress-proxy /out/ca-export \

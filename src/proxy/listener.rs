@@ -19,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::framing::{HeadLog, Sniffed};
+use super::linger::LingeringTcp;
 use super::{ClientConn, OpenConnection, ProxyState, drive_connection, forward, intercept};
 use crate::destination;
 use crate::error::{ErrorKind, ProxyBody, ProxyError, empty_body};
@@ -100,6 +101,7 @@ async fn refuse_over_limit(mut stream: TcpStream, client: SocketAddr, state: Arc
 }
 
 async fn serve_client(stream: TcpStream, conn: ClientConn) {
+    let stream = LingeringTcp::new(stream, conn._open.clone());
     let head_log = conn.plain_head_log.clone();
     let limits = &conn.state.limits;
     let builder = limits.http1_server(limits.client_timeout);

@@ -9,6 +9,7 @@ pub mod body;
 pub mod forward;
 pub mod framing;
 pub mod intercept;
+mod linger;
 pub mod listener;
 pub mod observe;
 
