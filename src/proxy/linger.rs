@@ -39,11 +39,15 @@ impl LingeringTcp {
         }
     }
 
-    fn io(&mut self) -> io::Result<Pin<&mut TcpStream>> {
-        self.stream
-            .as_mut()
-            .map(Pin::new)
-            .ok_or_else(|| io::ErrorKind::NotConnected.into())
+    /// Runs one poll of the inner stream (there is always one until drop).
+    fn poll_io<T>(
+        self: Pin<&mut Self>,
+        poll: impl FnOnce(Pin<&mut TcpStream>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match self.get_mut().stream.as_mut() {
+            Some(stream) => poll(Pin::new(stream)),
+            None => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+        }
     }
 }
 
@@ -87,19 +91,13 @@ impl AsyncRead for LingeringTcp {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut().io() {
-            Ok(io) => io.poll_read(cx, buf),
-            Err(e) => Poll::Ready(Err(e)),
-        }
+        self.poll_io(|io| io.poll_read(cx, buf))
     }
 }
 
 impl AsyncWrite for LingeringTcp {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut().io() {
-            Ok(io) => io.poll_write(cx, b),
-            Err(e) => Poll::Ready(Err(e)),
-        }
+        self.poll_io(|io| io.poll_write(cx, b))
     }
 
     fn poll_write_vectored(
@@ -107,10 +105,7 @@ impl AsyncWrite for LingeringTcp {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut().io() {
-            Ok(io) => io.poll_write_vectored(cx, bufs),
-            Err(e) => Poll::Ready(Err(e)),
-        }
+        self.poll_io(|io| io.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -118,16 +113,10 @@ impl AsyncWrite for LingeringTcp {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut().io() {
-            Ok(io) => io.poll_flush(cx),
-            Err(e) => Poll::Ready(Err(e)),
-        }
+        self.poll_io(|io| io.poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut().io() {
-            Ok(io) => io.poll_shutdown(cx),
-            Err(e) => Poll::Ready(Err(e)),
-        }
+        self.poll_io(|io| io.poll_shutdown(cx))
     }
 }
