@@ -85,7 +85,7 @@ impl HeadLog {
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+    memchr::memmem::find(hay, needle)
 }
 
 /// The start of the last line in `buf` that begins with `method` and a space.
@@ -101,11 +101,7 @@ fn last_line_starting_with(buf: &[u8], method: &[u8]) -> Option<usize> {
 }
 
 fn check_head(head: &[u8]) -> Result<(), &'static str> {
-    if head
-        .iter()
-        .enumerate()
-        .any(|(i, &b)| b == b'\n' && (i == 0 || head[i - 1] != b'\r'))
-    {
+    if memchr::memchr_iter(b'\n', head).any(|i| i == 0 || head[i - 1] != b'\r') {
         return Err("bare LF in the request head");
     }
     // Left uninitialised: initialising 256 headers is 8 KiB of stores per request.

@@ -55,6 +55,7 @@ pub async fn serve(
         let conn = ClientConn {
             id: state.next_id(),
             client,
+            client_text: client.to_string().into(),
             state: state.clone(),
             activity: super::Activity::new(),
             plain_head_log: HeadLog::new(state.limits.max_header_bytes + 8192),

@@ -235,6 +235,9 @@ impl Drop for OpenConnection {
 pub struct ClientConn {
     pub id: u64,
     pub client: SocketAddr,
+    /// `client` as the audit log writes it, formatted once for every request on the
+    /// connection.
+    pub client_text: Arc<str>,
     pub state: Arc<ProxyState>,
     pub activity: Arc<Activity>,
     /// Raw heads of the plain-HTTP requests on this connection (framing check).

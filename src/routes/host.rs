@@ -66,6 +66,13 @@ impl Host {
         if input.is_empty() {
             return Err(HostError::Empty);
         }
+        // The spelling the agent almost always sends: exactly our own (already validated)
+        // name. Anything else takes the full parse below.
+        if let Host::Name(own) = self
+            && own == input
+        {
+            return Ok(true);
+        }
         if let Some(inner) = input.strip_prefix('[') {
             let inner = inner.strip_suffix(']').ok_or(HostError::BadIpv6)?;
             let ip = inner.parse::<Ipv6Addr>().map_err(|_| HostError::BadIpv6)?;
