@@ -15,6 +15,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -69,11 +71,16 @@ impl Target {
     /// it is the scheme's default).
     pub fn authority(&self) -> String {
         let default = if self.tls { 443 } else { 80 };
-        if self.port == default {
-            self.host.authority_form()
-        } else {
-            format!("{}:{}", self.host.authority_form(), self.port)
+        // Built by hand, not with `format!`: this runs for every request.
+        let mut out = match &self.host {
+            Host::Name(name) => String::with_capacity(name.len() + 6) + name,
+            ip => ip.authority_form(),
+        };
+        if self.port != default {
+            out.push(':');
+            out.push_str(itoa::Buffer::new().format(self.port));
         }
+        out
     }
 }
 
@@ -298,24 +305,32 @@ impl Upstream {
             Sender::H2(mut s) => {
                 // HTTP/2 carries the authority in the URI (`:authority`), not in `Host`.
                 let host = req.headers_mut().remove(http::header::HOST);
-                let authority = host
-                    .as_ref()
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| target.authority());
-                let path = req
-                    .uri()
-                    .path_and_query()
-                    .map(|p| p.as_str())
-                    .unwrap_or("/");
-                let scheme = if target.tls { "https" } else { "http" };
-                *req.uri_mut() =
-                    Uri::try_from(format!("{scheme}://{authority}{path}")).map_err(|e| {
-                        SendError::Unsent(ProxyError::new(
-                            ErrorKind::BadRequest,
-                            format!("request target: {e}"),
-                        ))
-                    })?;
+                let authority = match &host {
+                    Some(h) => Authority::from_maybe_shared(Bytes::copy_from_slice(h.as_bytes())),
+                    None => Authority::from_maybe_shared(Bytes::from(target.authority())),
+                };
+                // From parts rather than a formatted string parsed again: every request
+                // to an HTTP/2 upstream goes through here.
+                let mut uri = http::uri::Parts::default();
+                uri.scheme = Some(if target.tls {
+                    Scheme::HTTPS
+                } else {
+                    Scheme::HTTP
+                });
+                uri.path_and_query = Some(
+                    req.uri()
+                        .path_and_query()
+                        .cloned()
+                        .unwrap_or_else(|| PathAndQuery::from_static("/")),
+                );
+                let bad_target = |e: &dyn std::fmt::Display| {
+                    SendError::Unsent(ProxyError::new(
+                        ErrorKind::BadRequest,
+                        format!("request target: {e}"),
+                    ))
+                };
+                uri.authority = Some(authority.map_err(|e| bad_target(&e))?);
+                *req.uri_mut() = Uri::from_parts(uri).map_err(|e| bad_target(&e))?;
                 if s.ready().await.is_err() {
                     return Err(SendError::Unsent(ProxyError::new(
                         ErrorKind::UpstreamUnavailable,
