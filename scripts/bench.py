@@ -135,6 +135,8 @@ class Setup:
             deadline = time.time() + 30
             while not os.path.exists(self.mitm_ca) and time.time() < deadline:
                 time.sleep(0.05)
+            # The CA file is written before the listener is up.
+            wait_port(self.mitm_port)
 
     def write_routes(self, generation):
         # oha resolves the target name even through a proxy, so the proxied URLs name
