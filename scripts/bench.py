@@ -147,14 +147,16 @@ class Setup:
                     f"  - host: \"*.bench.test\"\n    ports: [{self.oport}]\n")
         os.replace(self.routes + ".tmp", self.routes)
 
-    def start_egress(self, port, admin):
+    def start_egress(self, port, admin, binary=None, prefix=(), stderr=None):
+        """egress-proxy (BIN unless `binary`) on `port`, run under `prefix` (a profiler's
+        command line) if one is given, its log appended to `stderr` (default: the bench's)."""
         env = dict(os.environ, EGRESS_PROXY_TOKEN_0=TOKEN, **self.env)
         for k in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy", "RUST_LOG"):
             env.pop(k, None)
-        p = subprocess.Popen([BIN, "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
+        p = subprocess.Popen([*prefix, binary or BIN, "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
                               "--routes", self.routes, "--ca-dir", f"{self.work}/ca",
                               "--upstream-ca", self.origin_ca],
-                             env=env, stdout=subprocess.DEVNULL, stderr=open(self.log, "a"))
+                             env=env, stdout=subprocess.DEVNULL, stderr=open(stderr or self.log, "a"))
         procs.append(p)
         return p
 

@@ -28,15 +28,9 @@ N1, N2 = int(os.environ.get("N1", "300")), int(os.environ.get("N2", "1500"))
 
 def total_instructions(setup, binary, n, out):
     port, admin = bench.free_port(), bench.free_port()
-    env = dict(os.environ, EGRESS_PROXY_TOKEN_0=bench.TOKEN, **setup.env)
-    for k in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy", "RUST_LOG"):
-        env.pop(k, None)
-    p = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", binary,
-                          "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
-                          "--routes", setup.routes, "--ca-dir", f"{setup.work}/ca",
-                          "--upstream-ca", setup.origin_ca],
-                         env=env, stdout=subprocess.DEVNULL, stderr=open(f"{setup.work}/valgrind.log", "a"))
-    bench.procs.append(p)
+    p = setup.start_egress(port, admin, binary=binary,
+                           prefix=["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"],
+                           stderr=f"{setup.work}/valgrind.log")
     bench.wait_port(port, 120)
     r = subprocess.run(["oha", "--no-tui", "-n", str(n), "-c", "4", "-x", f"http://127.0.0.1:{port}",
                         "--cacert", setup.bottle_ca, f"https://localhost:{setup.oport}/small"],

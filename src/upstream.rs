@@ -15,7 +15,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
@@ -72,10 +71,7 @@ impl Target {
     pub fn authority(&self) -> String {
         let default = if self.tls { 443 } else { 80 };
         // Built by hand, not with `format!`: this runs for every request.
-        let mut out = match &self.host {
-            Host::Name(name) => String::with_capacity(name.len() + 6) + name,
-            ip => ip.authority_form(),
-        };
+        let mut out = self.host.authority_form();
         if self.port != default {
             out.push(':');
             out.push_str(itoa::Buffer::new().format(self.port));
@@ -305,9 +301,9 @@ impl Upstream {
             Sender::H2(mut s) => {
                 // HTTP/2 carries the authority in the URI (`:authority`), not in `Host`.
                 let host = req.headers_mut().remove(http::header::HOST);
-                let authority = match &host {
-                    Some(h) => Authority::from_maybe_shared(Bytes::copy_from_slice(h.as_bytes())),
-                    None => Authority::from_maybe_shared(Bytes::from(target.authority())),
+                let authority = match host.as_ref().and_then(|h| h.to_str().ok()) {
+                    Some(h) => Authority::try_from(h),
+                    None => Authority::try_from(target.authority()),
                 };
                 // From parts rather than a formatted string parsed again: every request
                 // to an HTTP/2 upstream goes through here.

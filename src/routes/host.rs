@@ -97,7 +97,9 @@ impl Host {
     pub fn authority_form(&self) -> String {
         match self {
             Host::Ip(IpAddr::V6(ip)) => format!("[{ip}]"),
-            other => other.to_string(),
+            // A clone, not `to_string()` through the formatter: this runs per request.
+            Host::Name(name) => name.clone(),
+            ip => ip.to_string(),
         }
     }
 }
