@@ -65,15 +65,18 @@ fn run(args: RunArgs) -> Result<(), String> {
     outcome
 }
 
-/// One worker thread unless `TOKIO_WORKER_THREADS` asks for more. A sidecar shares its
-/// bottle's CPU with the agent, and one core serves tens of thousands of small requests a
-/// second; on the 2-core benchmark machine a second worker cost ~25% more CPU per request
-/// in cross-thread wake-ups and bought no throughput (docs/benchmarks.md).
+/// One thread, tokio's single-threaded scheduler, unless `TOKIO_WORKER_THREADS` asks for
+/// the multi-threaded one. A sidecar shares its bottle's CPU with the agent, and one core
+/// serves tens of thousands of small requests a second; on the 2-core benchmark machine a
+/// second worker cost ~25% more CPU per request in cross-thread wake-ups and bought no
+/// throughput, and the single-threaded scheduler does 3% fewer instructions per request
+/// than the multi-threaded one with one worker (no atomics, no injection queue; both in
+/// docs/benchmarks.md).
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
-        builder.worker_threads(1);
-    }
+    let mut builder = match std::env::var_os("TOKIO_WORKER_THREADS") {
+        None => tokio::runtime::Builder::new_current_thread(),
+        Some(_) => tokio::runtime::Builder::new_multi_thread(),
+    };
     builder
         .on_thread_park(egress_proxy::logging::on_worker_park)
         .enable_all()
