@@ -16,6 +16,7 @@ pub mod logging;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod readahead;
 pub mod reload;
 pub mod routes;
 pub mod sys;

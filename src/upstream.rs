@@ -30,6 +30,7 @@ use tokio_rustls::TlsConnector;
 use crate::chain::{NoProxy, ProxyUrl};
 use crate::destination;
 use crate::error::{ErrorKind, ProxyBody, ProxyError};
+use crate::readahead::ReadAhead;
 use crate::routes::Host;
 
 /// How long an idle pooled connection is kept, and how many per upstream.
@@ -407,7 +408,7 @@ impl Upstream {
                 return Ok((io, false));
             }
             let stream = tls
-                .connect(server_name(&target.host)?, io)
+                .connect(server_name(&target.host)?, ReadAhead::new(io))
                 .await
                 .map_err(|e| classify_tls_error(target, &e))?;
             let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
