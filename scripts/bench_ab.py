@@ -6,6 +6,9 @@ resolve on a shared machine. Loopback only, bounded like scripts/bench.py.
 
     scripts/bench_ab.py BIN_A,BIN_B [keepalive|newconn|download|upload|idle|mint]
 
+A BIN named `direct` is the client talking to the origin itself (keepalive, newconn,
+download, upload), for the ratio the issue's goals are stated in.
+
 Environment: AB_ROUNDS (4), AB_SECONDS (6) per oha run, AB_MIB (1024) per transfer,
 BENCH_IDLE_CONNECTIONS (1000). Build the origin first: cargo build --release --example
 bench_origin.
@@ -33,6 +36,9 @@ def main():
         setup = bench.Setup(work)
         proxies = []
         for b in bins:
+            if b == "direct":
+                proxies.append((b, None, None))
+                continue
             bench.BIN = b
             port = bench.free_port()
             p = setup.start_egress(port, bench.free_port())
@@ -43,15 +49,20 @@ def main():
         load = ["-c", "32"] if mode == "keepalive" else ["-c", "8", "--disable-keepalive"]
         for _ in range(rounds):
             for b, port, p in proxies:
-                c0 = bench.cpu_seconds(p.pid)
+                cpu = (lambda: bench.cpu_seconds(p.pid)) if p else (lambda: 0.0)
+                c0 = cpu()
+                if port:
+                    via, ca, host = ["-x", f"http://127.0.0.1:{port}"], setup.bottle_ca, "localhost"
+                else:
+                    via, ca, host = [], setup.origin_ca, "127.0.0.1"
                 if mode in ("keepalive", "newconn"):
-                    r = bench.oha(load + ["-x", f"http://127.0.0.1:{port}", "--cacert", setup.bottle_ca,
-                                          f"https://localhost:{setup.oport}/small"], seconds=seconds)
-                    figures[b].append((r["rps"], (bench.cpu_seconds(p.pid) - c0) / max(r["n"], 1) * 1e6))
+                    r = bench.oha(load + via + ["--cacert", ca, f"https://{host}:{setup.oport}/small"],
+                                  seconds=seconds)
+                    figures[b].append((r["rps"], (cpu() - c0) / max(r["n"], 1) * 1e6))
                 elif mode in ("download", "upload"):
                     kw = {"download_bytes": size} if mode == "download" else {"upload_bytes": size}
-                    speed = bench.curl_transfer(port, setup.bottle_ca, "localhost", setup.oport, **kw)
-                    figures[b].append((speed / 2**20, (bench.cpu_seconds(p.pid) - c0) / (size / 2**30)))
+                    speed = bench.curl_transfer(port, ca, host, setup.oport, **kw)
+                    figures[b].append((speed / 2**20, (cpu() - c0) / (size / 2**30)))
                 elif mode in ("idle", "mint"):
                     setup.targets = lambda port=port, p=p: [("egress", port, setup.bottle_ca, "localhost", p.pid)]
                     out = {}
