@@ -31,6 +31,8 @@ def main():
     rounds = int(os.environ.get("AB_ROUNDS", "4"))
     seconds = int(os.environ.get("AB_SECONDS", "6"))
     size = int(os.environ.get("AB_MIB", "1024")) * 2**20
+    if "direct" in bins and mode in ("idle", "mint"):
+        raise SystemExit(f"`direct` has no proxy to measure in {mode} mode")
     work = tempfile.mkdtemp(prefix="egress-ab-")
     try:
         setup = bench.Setup(work)
@@ -84,7 +86,7 @@ def main():
             a = [x for x, _ in figures[b]]
             c = [y for _, y in figures[b]]
             line = f"{b}: median {statistics.median(a):,.1f} {unit[0]}"
-            if unit[1]:
+            if unit[1] and b != "direct":
                 line += f", {statistics.median(c):.2f} {unit[1]}"
             print(line + f"  (runs: {[round(x, 1) for x in a]})")
     finally:

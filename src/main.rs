@@ -54,8 +54,10 @@ fn run(args: RunArgs) -> Result<(), String> {
     egress_proxy::sys::harden_process()?;
     let config = Config::from_args(args)?;
     egress_proxy::logging::init(config.log_format);
-    // Run on the worker rather than on this thread: the accept loop then hands each new
-    // connection to the thread that serves it without waking another one.
+    // Spawned, not run in `block_on` itself: under the multi-threaded scheduler
+    // (`TOKIO_WORKER_THREADS`) the accept loop then runs on a worker and hands each new
+    // connection to the thread that serves it without waking another one. Under the
+    // default single-threaded one this is the same thread either way.
     let outcome = runtime()?.block_on(async {
         tokio::spawn(egress_proxy::app::run(config))
             .await

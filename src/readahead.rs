@@ -5,8 +5,7 @@
 //! download through the proxy made ~68,000 `recvfrom` calls, each with its own socket
 //! lock, receive-queue walk and ACK decision. Beneath rustls, this reads whatever the
 //! kernel holds, up to 64 KiB, and hands it out from memory. The buffer exists only while
-//! it holds bytes: an idle connection keeps none, so a thousand idle tunnels cost nothing
-//! extra. It never reads ahead of what is already there (one `read` per `poll_read` that
+//! it holds bytes: an idle pooled connection keeps none. It never reads ahead of what is already there (one `read` per `poll_read` that
 //! finds the buffer empty), so it adds no latency and changes nothing a peer can see.
 
 use std::io;
