@@ -4,9 +4,11 @@
 //! rustls reads at most one record's worth (~16 KiB) per `read` it issues, so a 1 GiB
 //! download through the proxy made ~68,000 `recvfrom` calls, each with its own socket
 //! lock, receive-queue walk and ACK decision. Beneath rustls, this reads whatever the
-//! kernel holds, up to 64 KiB, and hands it out from memory. The buffer exists only while
-//! it holds bytes: an idle pooled connection keeps none. It never reads ahead of what is already there (one `read` per `poll_read` that
-//! finds the buffer empty), so it adds no latency and changes nothing a peer can see.
+//! kernel holds, up to 64 KiB, and hands it out from memory, once a read has shown that
+//! data is flowing (it filled all it asked for); small answers are read straight through,
+//! with no buffer. The buffer exists only while it holds bytes: an idle pooled connection
+//! keeps none. It never reads ahead of what is already there (one `read` per `poll_read`
+//! that finds the buffer empty), so it adds no latency and changes nothing a peer can see.
 
 use std::io;
 use std::pin::Pin;
@@ -18,11 +20,18 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// How much one read from the socket may take.
 const READ_AHEAD: usize = 64 * 1024;
 
-/// An `AsyncRead + AsyncWrite` whose reads go through a buffer of up to [`READ_AHEAD`].
+/// An `AsyncRead + AsyncWrite` whose reads go through a buffer of up to [`READ_AHEAD`]
+/// while a transfer is in full flow, and straight into the caller's buffer otherwise.
 pub struct ReadAhead<IO> {
     inner: IO,
     /// Bytes read from `inner` and not yet handed out; no allocation while empty.
     buf: BytesMut,
+    /// Whether the last read from `inner` filled all it was asked for, so more is likely
+    /// waiting: only then is reading ahead worth a buffer. A small answer (a keep-alive
+    /// response of a few hundred bytes) is read straight into the caller's buffer: a
+    /// pooled connection's task polls its reader several times per request, and a 64 KiB
+    /// buffer allocated and freed at each was ~4,000 instructions a request.
+    flowing: bool,
 }
 
 impl<IO> ReadAhead<IO> {
@@ -30,6 +39,7 @@ impl<IO> ReadAhead<IO> {
         ReadAhead {
             inner,
             buf: BytesMut::new(),
+            flowing: false,
         }
     }
 }
@@ -42,16 +52,25 @@ impl<IO: AsyncRead + Unpin> AsyncRead for ReadAhead<IO> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if this.buf.is_empty() {
-            // A caller that wants as much as we would read gets it straight.
-            if out.remaining() >= READ_AHEAD {
-                return Pin::new(&mut this.inner).poll_read(cx, out);
+            let asked = out.remaining();
+            // A caller that wants as much as we would read ahead gets it straight too.
+            if !this.flowing || asked >= READ_AHEAD {
+                let before = out.filled().len();
+                let read = Pin::new(&mut this.inner).poll_read(cx, out);
+                if let Poll::Ready(Ok(())) = read {
+                    this.flowing = asked > 0 && out.filled().len() - before == asked;
+                }
+                return read;
             }
             this.buf.reserve(READ_AHEAD);
             let read = tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.buf);
             match read {
-                Poll::Ready(Ok(n)) if n > 0 => {}
+                Poll::Ready(Ok(n)) if n > 0 => this.flowing = n >= asked,
                 other => {
                     // Nothing read (pending, closed or failed): hold no memory meanwhile.
+                    if other.is_ready() {
+                        this.flowing = false;
+                    }
                     this.buf = BytesMut::new();
                     return other.map_ok(|_| ());
                 }
@@ -127,16 +146,40 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn one_inner_read_serves_several_small_ones() {
+    async fn once_a_read_comes_back_full_one_inner_read_serves_several() {
         let (mut far, near) = tokio::io::duplex(256 * 1024);
         far.write_all(&[7u8; 3000]).await.unwrap();
         let mut ra = ReadAhead::new(near);
         let mut chunk = [0u8; 1000];
+        // The first read goes straight into the caller's buffer and fills it ...
         assert_eq!(ra.read(&mut chunk).await.unwrap(), 1000);
-        // The rest came with the first read and waits in memory.
-        assert_eq!(ra.buf.len(), 2000);
+        assert_eq!(ra.buf.capacity(), 0);
+        assert!(ra.flowing);
+        // ... so the next one reads ahead: the rest comes at once and waits in memory.
         assert_eq!(ra.read(&mut chunk).await.unwrap(), 1000);
+        assert_eq!(ra.buf.len(), 1000);
         assert_eq!(ra.read(&mut chunk).await.unwrap(), 1000);
+        assert_eq!(ra.buf.capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_small_answer_is_read_straight_with_no_buffer() {
+        let (mut far, near) = tokio::io::duplex(256 * 1024);
+        let mut ra = ReadAhead::new(near);
+        let mut chunk = [0u8; 1000];
+        for round in 0..3u8 {
+            far.write_all(&[round; 300]).await.unwrap();
+            assert_eq!(ra.read(&mut chunk).await.unwrap(), 300);
+            assert_eq!(&chunk[..300], &[round; 300][..]);
+            assert!(!ra.flowing, "a short read is no transfer in flow");
+            assert_eq!(ra.buf.capacity(), 0, "nothing allocated for it");
+        }
+        // A read that comes back short ends a flow too.
+        far.write_all(&[9u8; 1500]).await.unwrap();
+        assert_eq!(ra.read(&mut chunk).await.unwrap(), 1000);
+        assert!(ra.flowing);
+        assert_eq!(ra.read(&mut chunk).await.unwrap(), 500);
+        assert!(!ra.flowing);
         assert_eq!(ra.buf.capacity(), 0);
     }
 
