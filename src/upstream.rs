@@ -1,6 +1,7 @@
 //! Connections to upstreams: resolution and address checks, verified TLS, and a pool of
-//! hyper client connections (HTTP/2 where the upstream offers it, kept-alive HTTP/1.1
-//! otherwise).
+//! hyper client connections in the agent's HTTP version (kept-alive HTTP/1.1 for an
+//! HTTP/1.1 agent; one multiplexed HTTP/2 connection for an HTTP/2 agent where the
+//! upstream offers it, kept-alive HTTP/1.1 otherwise).
 //!
 //! The pool is our own, over hyper's connection API, rather than hyper-util's legacy
 //! client, because the contract needs what that client hides: whether a request went out
@@ -33,9 +34,10 @@ use crate::error::{ErrorKind, ProxyBody, ProxyError};
 use crate::readahead::ReadAhead;
 use crate::routes::Host;
 
-/// How long an idle pooled connection is kept, and how many per upstream.
+/// How long an idle pooled connection is kept, and how many HTTP/1.1 connections (in use
+/// or idle) are kept per upstream.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-const POOL_MAX_IDLE_PER_KEY: usize = 32;
+const POOL_MAX_H1_PER_KEY: usize = 64;
 /// The largest HTTP/2 DATA frame an upstream may send us (SETTINGS_MAX_FRAME_SIZE).
 const UPSTREAM_MAX_FRAME_SIZE: u32 = 64 * 1024;
 
@@ -81,6 +83,17 @@ impl Target {
     }
 }
 
+/// The HTTP version an agent's request arrived in. Its upstream connection speaks the same
+/// where the upstream allows: an HTTP/1.1 agent's requests go out on pooled HTTP/1.1
+/// connections (cheaper at both ends than multiplexing them, docs/benchmarks.md), an
+/// HTTP/2 agent's on one multiplexed HTTP/2 connection when the upstream offers it, so
+/// that what only HTTP/2 carries (response trailers, as gRPC needs) still arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentVersion {
+    Http1,
+    Http2,
+}
+
 enum Sender {
     H1(http1::SendRequest<ProxyBody>),
     H2(http2::SendRequest<ProxyBody>),
@@ -89,7 +102,13 @@ enum Sender {
 #[derive(Default)]
 struct PoolSlot {
     h2: Option<http2::SendRequest<ProxyBody>>,
-    idle_h1: Vec<(http1::SendRequest<ProxyBody>, Instant)>,
+    /// What the upstream chose the last time it was offered HTTP/2: `Some(false)` lets
+    /// HTTP/2 agents reuse HTTP/1.1 connections instead of dialling again to ask.
+    speaks_h2: Option<bool>,
+    /// HTTP/1.1 connections, in use or idle, each with when it last took a request. One
+    /// in use is not ready until its response has been read to the end, so it stays here
+    /// rather than coming back from a task that waits for that.
+    h1: Vec<(http1::SendRequest<ProxyBody>, Instant)>,
 }
 
 #[derive(Default)]
@@ -98,49 +117,76 @@ struct Pool {
 }
 
 impl Pool {
-    fn checkout(&self, target: &Target) -> Option<Sender> {
+    fn checkout(&self, target: &Target, agent: AgentVersion) -> Option<Sender> {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         let slot = slots.get_mut(target)?;
-        if let Some(h2) = &slot.h2 {
-            if !h2.is_closed() {
-                return Some(Sender::H2(h2.clone()));
+        if agent == AgentVersion::Http2 {
+            if let Some(h2) = &slot.h2 {
+                if !h2.is_closed() {
+                    return Some(Sender::H2(h2.clone()));
+                }
+                slot.h2 = None;
             }
-            slot.h2 = None;
+            if slot.speaks_h2 != Some(false) {
+                return None;
+            }
         }
-        while let Some((sender, since)) = slot.idle_h1.pop() {
-            if since.elapsed() < POOL_IDLE_TIMEOUT && sender.is_ready() {
+        // An idle connection: ready for its next request, and not idle for too long.
+        // Closed ones and idle ones past their time are dropped on the way.
+        let mut now = None;
+        let mut i = 0;
+        while i < slot.h1.len() {
+            let (sender, since) = &slot.h1[i];
+            if !sender.is_closed() && !sender.is_ready() {
+                i += 1;
+                continue;
+            }
+            let fresh = sender.is_ready()
+                && now.get_or_insert_with(Instant::now).duration_since(*since) < POOL_IDLE_TIMEOUT;
+            let (sender, _) = slot.h1.swap_remove(i);
+            if fresh {
                 return Some(Sender::H1(sender));
             }
         }
         None
     }
 
+    /// Keeps an HTTP/1.1 connection that has just taken a request.
     fn put_h1(&self, target: &Target, sender: http1::SendRequest<ProxyBody>) {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         let slot = slots.entry(target.clone()).or_default();
-        if slot.idle_h1.len() < POOL_MAX_IDLE_PER_KEY {
-            slot.idle_h1.push((sender, Instant::now()));
+        if slot.h1.len() < POOL_MAX_H1_PER_KEY {
+            slot.h1.push((sender, Instant::now()));
         }
     }
 
     fn put_h2(&self, target: &Target, sender: &http2::SendRequest<ProxyBody>) {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         let slot = slots.entry(target.clone()).or_default();
+        slot.speaks_h2 = Some(true);
         if slot.h2.as_ref().is_none_or(|s| s.is_closed()) {
             slot.h2 = Some(sender.clone());
         }
     }
 
-    /// Drops closed and expired connections, and slots left empty.
+    /// Remembers that the upstream answered an offer of HTTP/2 with HTTP/1.1.
+    fn note_no_h2(&self, target: &Target) {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.entry(target.clone()).or_default().speaks_h2 = Some(false);
+    }
+
+    /// Drops closed connections, idle ones past their time, and slots left empty.
     fn reap(&self) {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         slots.retain(|_, slot| {
-            slot.idle_h1
-                .retain(|(s, since)| since.elapsed() < POOL_IDLE_TIMEOUT && !s.is_closed());
+            slot.h1.retain(|(s, since)| {
+                let idle_too_long = s.is_ready() && since.elapsed() >= POOL_IDLE_TIMEOUT;
+                !(s.is_closed() || idle_too_long)
+            });
             if slot.h2.as_ref().is_some_and(|s| s.is_closed()) {
                 slot.h2 = None;
             }
-            slot.h2.is_some() || !slot.idle_h1.is_empty()
+            slot.h2.is_some() || !slot.h1.is_empty()
         });
     }
 }
@@ -148,9 +194,10 @@ impl Pool {
 /// The upstream side of the proxy: shared by every tunnel.
 pub struct Upstream {
     settings: UpstreamSettings,
-    /// ALPN `h2`, `http/1.1`: ordinary requests.
+    /// ALPN `h2`, `http/1.1`: HTTP/2 agents' requests.
     tls: TlsConnector,
-    /// ALPN `http/1.1` only: WebSocket upgrades, which need HTTP/1.1.
+    /// ALPN `http/1.1` only: HTTP/1.1 agents' requests, and WebSocket upgrades, which
+    /// need HTTP/1.1.
     tls_h1: TlsConnector,
     pool: Arc<Pool>,
 }
@@ -204,22 +251,24 @@ impl Upstream {
         });
     }
 
-    /// Sends `req` (origin-form URI, `Host` header set) to `target`. When `replayable`
-    /// (bodiless and idempotent) and it fails on a reused connection before any response
-    /// byte arrived, it is sent once more on a new connection.
+    /// Sends `req` (origin-form URI, `Host` header set) to `target`, on a connection of
+    /// the agent's HTTP version where the upstream allows ([`AgentVersion`]). When
+    /// `replayable` (bodiless and idempotent) and it fails on a reused connection before
+    /// any response byte arrived, it is sent once more on a new connection.
     pub async fn send(
         &self,
         target: &Target,
         req: Request<ProxyBody>,
         replayable: bool,
+        agent: AgentVersion,
     ) -> Result<Response<Incoming>, ProxyError> {
-        if let Some(sender) = self.pool.checkout(target) {
+        if let Some(sender) = self.pool.checkout(target, agent) {
             let copy = replayable.then(|| copy_bodiless(&req));
             match (self.send_on(target, sender, req).await, copy) {
                 (Ok(r), _) => return Ok(r),
                 (Err(SendError::Unsent(e) | SendError::NoResponse(e)), Some(copy)) => {
                     tracing::debug!(host = %target.host, error = %e, "reused upstream connection failed; retrying once on a new one");
-                    let sender = self.connect(target, &self.tls).await?;
+                    let sender = self.connect(target, agent).await?;
                     return self
                         .send_on(target, sender, copy)
                         .await
@@ -228,7 +277,7 @@ impl Upstream {
                 (Err(e), _) => return Err(e.into_proxy()),
             }
         }
-        let sender = self.connect(target, &self.tls).await?;
+        let sender = self.connect(target, agent).await?;
         self.send_on(target, sender, req)
             .await
             .map_err(SendError::into_proxy)
@@ -281,23 +330,13 @@ impl Upstream {
         let timeout = self.settings.response_timeout;
         match sender {
             Sender::H1(mut s) => {
-                if s.ready().await.is_err() {
-                    return Err(SendError::Unsent(ProxyError::new(
-                        ErrorKind::UpstreamUnavailable,
-                        format!("connection to {} closed", target.host),
-                    )));
-                }
-                let result = tokio::time::timeout(timeout, s.send_request(req)).await;
-                let response = finish(target, result)?;
-                // Back to the pool once this response's body has been read to its end.
-                let pool = self.pool.clone();
-                let key = target.clone();
-                tokio::spawn(async move {
-                    if s.ready().await.is_ok() {
-                        pool.put_h1(&key, s);
-                    }
-                });
-                Ok(response)
+                // A pooled connection was checked out ready, and a new one takes its
+                // first request unasked; the response future does not hold the sender,
+                // which goes back to the pool at once (not ready until this response
+                // has been read to its end).
+                let response = s.send_request(req);
+                self.pool.put_h1(target, s);
+                finish(target, tokio::time::timeout(timeout, response).await)
             }
             Sender::H2(mut s) => {
                 // HTTP/2 carries the authority in the URI (`:authority`), not in `Host`.
@@ -342,9 +381,14 @@ impl Upstream {
         }
     }
 
-    /// Opens a new pooled connection to `target`.
-    async fn connect(&self, target: &Target, tls: &TlsConnector) -> Result<Sender, ProxyError> {
+    /// Opens a new pooled connection to `target`, offering HTTP/2 only for an HTTP/2 agent.
+    async fn connect(&self, target: &Target, agent: AgentVersion) -> Result<Sender, ProxyError> {
+        let offer_h2 = agent == AgentVersion::Http2;
+        let tls = if offer_h2 { &self.tls } else { &self.tls_h1 };
         let (io, h2) = self.dial(target, tls).await?;
+        if offer_h2 && target.tls && !h2 {
+            self.pool.note_no_h2(target);
+        }
         let io = TokioIo::new(io);
         let handshake_err = |e: hyper::Error| {
             ProxyError::new(

@@ -136,6 +136,72 @@ async fn allowed_request_over_http2_both_sides() {
     );
 }
 
+/// The upstream connection speaks the agent's HTTP version where the upstream allows:
+/// an HTTP/1.1 agent's requests go out over HTTP/1.1 even to an upstream offering h2.
+#[tokio::test]
+async fn an_http1_agent_is_forwarded_over_http1_on_one_reused_connection() {
+    let s = setup().await;
+    let mut c = h1(s
+        .proxy
+        .tunnel("api.test", s.up.port(), &[b"http/1.1"])
+        .await)
+    .await;
+    for i in 0..5 {
+        let req = get(&host(&s, "api.test"), &format!("/v1/h1/{i}"))
+            .body(empty())
+            .unwrap();
+        let (status, _, body) = collect(c.send_request(req).await.unwrap()).await;
+        assert_eq!(status, 200);
+        assert_eq!(json(&body)["path"], format!("/v1/h1/{i}"));
+        // Leaves hyper its moment to mark the connection ready (see the test below).
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let seen = s.up.seen();
+    assert_eq!(seen.len(), 5);
+    assert!(
+        seen.iter().all(|r| r.version == http::Version::HTTP_11),
+        "an HTTP/1.1 agent's requests go out over HTTP/1.1"
+    );
+    assert!(
+        seen.iter()
+            .all(|r| r.headers["authorization"] == format!("Bearer {TOKEN}"))
+    );
+    assert_eq!(
+        s.up.connections.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one pooled upstream connection, reused"
+    );
+}
+
+/// An HTTP/2 agent whose upstream answers an offer of h2 with HTTP/1.1 reuses that
+/// connection for its next requests instead of dialling again to ask.
+#[tokio::test]
+async fn an_http2_agent_reuses_an_http1_only_upstream_connection() {
+    let s = setup_alpn(&[b"http/1.1"]).await;
+    let mut c = h2(s
+        .proxy
+        .tunnel("api.test", s.up.port(), &[b"h2", b"http/1.1"])
+        .await)
+    .await;
+    for i in 0..5 {
+        let req = Request::builder()
+            .uri(format!("https://{}/v1/h2/{i}", host(&s, "api.test")))
+            .body(empty())
+            .unwrap();
+        let (status, _, body) = collect(c.send_request(req).await.unwrap()).await;
+        assert_eq!(status, 200);
+        assert_eq!(json(&body)["path"], format!("/v1/h2/{i}"));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let seen = s.up.seen();
+    assert!(seen.iter().all(|r| r.version == http::Version::HTTP_11));
+    assert_eq!(
+        s.up.connections.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the upstream's answer is remembered; its connection reused"
+    );
+}
+
 #[tokio::test]
 async fn custom_header_injection_replaces_the_agents_value() {
     let s = setup().await;
@@ -172,10 +238,10 @@ async fn twenty_requests_on_one_kept_alive_tunnel() {
         let (status, _, body) = collect(c.send_request(req).await.unwrap()).await;
         assert_eq!(status, 200, "request {i}");
         assert_eq!(json(&body)["path"], format!("/v1/n/{i}"));
-        // An HTTP/1.1 upstream connection goes back to the pool once hyper reports it
-        // ready, a moment after the response: a request sent back-to-back can beat that
-        // and open a second connection (correct, and seen once on a loaded machine).
-        // This test is about reuse, so it leaves that moment.
+        // An HTTP/1.1 upstream connection stays in the pool while in use and can be
+        // taken again once hyper reports it ready, a moment after the response: a request
+        // sent back-to-back can beat that and open a second connection (correct, and seen
+        // once on a loaded machine). This test is about reuse, so it leaves that moment.
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(s.up.seen().len(), 20);
