@@ -1,7 +1,6 @@
 //! Connections to upstreams: resolution and address checks, verified TLS, and a pool of
-//! hyper client connections in the agent's HTTP version (kept-alive HTTP/1.1 for an
-//! HTTP/1.1 agent; one multiplexed HTTP/2 connection for an HTTP/2 agent where the
-//! upstream offers it, kept-alive HTTP/1.1 otherwise).
+//! hyper client connections (HTTP/2 where the upstream offers it, kept-alive HTTP/1.1
+//! otherwise).
 //!
 //! The pool is our own, over hyper's connection API, rather than hyper-util's legacy
 //! client, because the contract needs what that client hides: whether a request went out
@@ -83,17 +82,6 @@ impl Target {
     }
 }
 
-/// The HTTP version an agent's request arrived in. Its upstream connection speaks the same
-/// where the upstream allows: an HTTP/1.1 agent's requests go out on pooled HTTP/1.1
-/// connections (cheaper at both ends than multiplexing them, docs/benchmarks.md), an
-/// HTTP/2 agent's on one multiplexed HTTP/2 connection when the upstream offers it, so
-/// that what only HTTP/2 carries (response trailers, as gRPC needs) still arrives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AgentVersion {
-    Http1,
-    Http2,
-}
-
 enum Sender {
     H1(http1::SendRequest<ProxyBody>),
     H2(http2::SendRequest<ProxyBody>),
@@ -102,9 +90,6 @@ enum Sender {
 #[derive(Default)]
 struct PoolSlot {
     h2: Option<http2::SendRequest<ProxyBody>>,
-    /// What the upstream chose the last time it was offered HTTP/2: `Some(false)` lets
-    /// HTTP/2 agents reuse HTTP/1.1 connections instead of dialling again to ask.
-    speaks_h2: Option<bool>,
     /// HTTP/1.1 connections, in use or idle, each with when it last took a request. One
     /// in use is not ready until its response has been read to the end, so it stays here
     /// rather than coming back from a task that waits for that.
@@ -117,19 +102,14 @@ struct Pool {
 }
 
 impl Pool {
-    fn checkout(&self, target: &Target, agent: AgentVersion) -> Option<Sender> {
+    fn checkout(&self, target: &Target) -> Option<Sender> {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         let slot = slots.get_mut(target)?;
-        if agent == AgentVersion::Http2 {
-            if let Some(h2) = &slot.h2 {
-                if !h2.is_closed() {
-                    return Some(Sender::H2(h2.clone()));
-                }
-                slot.h2 = None;
+        if let Some(h2) = &slot.h2 {
+            if !h2.is_closed() {
+                return Some(Sender::H2(h2.clone()));
             }
-            if slot.speaks_h2 != Some(false) {
-                return None;
-            }
+            slot.h2 = None;
         }
         // An idle connection: ready for its next request, and not idle for too long.
         // Closed ones and idle ones past their time are dropped on the way.
@@ -163,16 +143,9 @@ impl Pool {
     fn put_h2(&self, target: &Target, sender: &http2::SendRequest<ProxyBody>) {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         let slot = slots.entry(target.clone()).or_default();
-        slot.speaks_h2 = Some(true);
         if slot.h2.as_ref().is_none_or(|s| s.is_closed()) {
             slot.h2 = Some(sender.clone());
         }
-    }
-
-    /// Remembers that the upstream answered an offer of HTTP/2 with HTTP/1.1.
-    fn note_no_h2(&self, target: &Target) {
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        slots.entry(target.clone()).or_default().speaks_h2 = Some(false);
     }
 
     /// Drops closed connections, idle ones past their time, and slots left empty.
@@ -194,10 +167,9 @@ impl Pool {
 /// The upstream side of the proxy: shared by every tunnel.
 pub struct Upstream {
     settings: UpstreamSettings,
-    /// ALPN `h2`, `http/1.1`: HTTP/2 agents' requests.
+    /// ALPN `h2`, `http/1.1`: ordinary requests.
     tls: TlsConnector,
-    /// ALPN `http/1.1` only: HTTP/1.1 agents' requests, and WebSocket upgrades, which
-    /// need HTTP/1.1.
+    /// ALPN `http/1.1` only: WebSocket upgrades, which need HTTP/1.1.
     tls_h1: TlsConnector,
     pool: Arc<Pool>,
 }
@@ -251,24 +223,22 @@ impl Upstream {
         });
     }
 
-    /// Sends `req` (origin-form URI, `Host` header set) to `target`, on a connection of
-    /// the agent's HTTP version where the upstream allows ([`AgentVersion`]). When
-    /// `replayable` (bodiless and idempotent) and it fails on a reused connection before
-    /// any response byte arrived, it is sent once more on a new connection.
+    /// Sends `req` (origin-form URI, `Host` header set) to `target`. When `replayable`
+    /// (bodiless and idempotent) and it fails on a reused connection before any response
+    /// byte arrived, it is sent once more on a new connection.
     pub async fn send(
         &self,
         target: &Target,
         req: Request<ProxyBody>,
         replayable: bool,
-        agent: AgentVersion,
     ) -> Result<Response<Incoming>, ProxyError> {
-        if let Some(sender) = self.pool.checkout(target, agent) {
+        if let Some(sender) = self.pool.checkout(target) {
             let copy = replayable.then(|| copy_bodiless(&req));
             match (self.send_on(target, sender, req).await, copy) {
                 (Ok(r), _) => return Ok(r),
                 (Err(SendError::Unsent(e) | SendError::NoResponse(e)), Some(copy)) => {
                     tracing::debug!(host = %target.host, error = %e, "reused upstream connection failed; retrying once on a new one");
-                    let sender = self.connect(target, agent).await?;
+                    let sender = self.connect(target).await?;
                     return self
                         .send_on(target, sender, copy)
                         .await
@@ -277,7 +247,7 @@ impl Upstream {
                 (Err(e), _) => return Err(e.into_proxy()),
             }
         }
-        let sender = self.connect(target, agent).await?;
+        let sender = self.connect(target).await?;
         self.send_on(target, sender, req)
             .await
             .map_err(SendError::into_proxy)
@@ -381,14 +351,9 @@ impl Upstream {
         }
     }
 
-    /// Opens a new pooled connection to `target`, offering HTTP/2 only for an HTTP/2 agent.
-    async fn connect(&self, target: &Target, agent: AgentVersion) -> Result<Sender, ProxyError> {
-        let offer_h2 = agent == AgentVersion::Http2;
-        let tls = if offer_h2 { &self.tls } else { &self.tls_h1 };
-        let (io, h2) = self.dial(target, tls).await?;
-        if offer_h2 && target.tls && !h2 {
-            self.pool.note_no_h2(target);
-        }
+    /// Opens a new pooled connection to `target`.
+    async fn connect(&self, target: &Target) -> Result<Sender, ProxyError> {
+        let (io, h2) = self.dial(target, &self.tls).await?;
         let io = TokioIo::new(io);
         let handshake_err = |e: hyper::Error| {
             ProxyError::new(

@@ -23,7 +23,7 @@ use super::intercept::Tunnel;
 use crate::error::{ErrorKind, ProxyBody, ProxyError, empty_body};
 use crate::policy::{self, Authority, Channel, RequestView, TargetError, parse_target};
 use crate::routes::Injection;
-use crate::upstream::{AgentVersion, Target};
+use crate::upstream::Target;
 
 /// A request inside an intercepted tunnel.
 pub async fn intercepted(req: Request<Incoming>, tunnel: Arc<Tunnel>) -> Response<ProxyBody> {
@@ -180,17 +180,7 @@ async fn process(
 
     let sent = match agent_upgrade {
         Some(_) => state.upstream.send_upgrade(&target, upstream_req).await,
-        None => {
-            let agent = if h1 {
-                AgentVersion::Http1
-            } else {
-                AgentVersion::Http2
-            };
-            state
-                .upstream
-                .send(&target, upstream_req, replayable, agent)
-                .await
-        }
+        None => state.upstream.send(&target, upstream_req, replayable).await,
     };
     let mut response = match sent {
         Ok(r) => r,
