@@ -7,7 +7,8 @@
 //! such a request refused with 400 and the connection closed, since the next hop or a
 //! log reader might have framed it differently. hyper no longer shows what it dropped,
 //! so [`Sniffed`] keeps a short window of the raw bytes an HTTP/1.1 connection read and
-//! [`HeadLog::check`] re-reads the head of each request from it with httparse.
+//! [`HeadLog::check`] re-reads the head of each request from it: its line ends, and the
+//! `Content-Length` and `Transfer-Encoding` lines among its headers.
 //!
 //! The window is bounded (twice the head limit) and only ever adds strictness: if the
 //! head cannot be found in it (an unusual pipelining pattern), hyper's own safe handling
