@@ -1,6 +1,6 @@
 //! Connections to upstreams: resolution and address checks, verified TLS, and a pool of
-//! hyper client connections (HTTP/2 where the upstream offers it, kept-alive HTTP/1.1
-//! otherwise).
+//! client connections: one multiplexed HTTP/2 connection where the upstream offers h2
+//! (driven by `h2` directly, see [`H2Conn`]), kept-alive hyper HTTP/1.1 ones otherwise.
 //!
 //! The pool is our own, over hyper's connection API, rather than hyper-util's legacy
 //! client, because the contract needs what that client hides: whether a request went out
@@ -12,15 +12,17 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http1;
 use hyper::upgrade::Upgraded;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -37,6 +39,10 @@ use crate::routes::Host;
 /// or idle) are kept per upstream.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 const POOL_MAX_H1_PER_KEY: usize = 64;
+/// Keep-alive pings on an HTTP/2 upstream connection with requests open: how often, and
+/// how long an answer may take.
+const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// The largest HTTP/2 DATA frame an upstream may send us (SETTINGS_MAX_FRAME_SIZE).
 const UPSTREAM_MAX_FRAME_SIZE: u32 = 64 * 1024;
 
@@ -84,12 +90,147 @@ impl Target {
 
 enum Sender {
     H1(http1::SendRequest<ProxyBody>),
-    H2(http2::SendRequest<ProxyBody>),
+    H2(H2Conn),
+}
+
+/// An HTTP/2 connection to an upstream, driven by `h2` directly rather than through
+/// hyper's client: hyper's spawns a task per request (a future the size of its largest
+/// variant, the whole connection) and passes each request and response through a channel
+/// and two one-shot channels; here the request's own task sends it and is woken by the
+/// response (docs/benchmarks.md: 64,500 -> 57,600 instructions a keep-alive request).
+#[derive(Clone)]
+struct H2Conn {
+    send: h2::client::SendRequest<Bytes>,
+    shared: Arc<H2Shared>,
+}
+
+#[derive(Default)]
+struct H2Shared {
+    /// Set when the connection's driver has ended.
+    closed: AtomicBool,
+    /// Requests sent and not yet finished (response body read or dropped): the
+    /// keep-alive pings run only while there are some, as hyper's did.
+    open_streams: AtomicUsize,
+}
+
+impl H2Conn {
+    fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request as open until the returned guard is dropped.
+    fn open_stream(&self) -> OpenStream {
+        self.shared.open_streams.fetch_add(1, Ordering::Relaxed);
+        OpenStream(self.shared.clone())
+    }
+}
+
+/// One open request on an [`H2Conn`], until dropped.
+pub struct OpenStream(Arc<H2Shared>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.open_streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Drives an HTTP/2 connection until it ends. While requests are open on it, the
+/// upstream is pinged after every [`H2_KEEPALIVE_INTERVAL`]; no answer within
+/// [`H2_KEEPALIVE_TIMEOUT`] closes the connection, so that its streams fail and the pool
+/// stops handing it out (a silent upstream is otherwise only noticed by the body silence
+/// timeout, minutes later).
+async fn drive_h2(mut conn: h2::client::Connection<BoxedIo, Bytes>, shared: Arc<H2Shared>) {
+    // The pings run in a task of their own, so that the connection's own wake-ups (one
+    // per frame in a transfer) do not poll their timer too.
+    let (gone_tx, gone_rx) = tokio::sync::oneshot::channel::<()>();
+    if let Some(mut pings) = conn.ping_pong() {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(H2_KEEPALIVE_INTERVAL).await;
+                if shared.closed.load(Ordering::Relaxed) {
+                    return;
+                }
+                if shared.open_streams.load(Ordering::Relaxed) == 0 {
+                    continue;
+                }
+                let pong =
+                    tokio::time::timeout(H2_KEEPALIVE_TIMEOUT, pings.ping(h2::Ping::opaque()));
+                if !matches!(pong.await, Ok(Ok(_))) {
+                    tracing::debug!(
+                        "HTTP/2 upstream did not answer a ping; closing the connection"
+                    );
+                    let _ = gone_tx.send(());
+                    return;
+                }
+            }
+        });
+    }
+    tokio::select! {
+        biased;
+        _ = conn => {}
+        // Only a sent signal: a dropped sender (no pings to run) is not a reason to close.
+        Ok(()) = gone_rx => {}
+    }
+    shared.closed.store(true, Ordering::Relaxed);
+}
+
+/// A response body from either client.
+pub enum UpstreamBody {
+    Hyper(Incoming),
+    /// The stream, whether its data has ended (trailers may follow), and its count in
+    /// the connection's open requests.
+    H2(h2::RecvStream, bool, OpenStream),
+}
+
+impl hyper::body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = crate::error::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        match self.get_mut() {
+            UpstreamBody::Hyper(b) => std::pin::Pin::new(b)
+                .poll_frame(cx)
+                .map_err(|e| Box::new(e) as crate::error::BoxError),
+            UpstreamBody::H2(recv, data_done, _) => {
+                if !*data_done {
+                    match recv.poll_data(cx) {
+                        Poll::Ready(Some(Ok(data))) => {
+                            let _ = recv.flow_control().release_capacity(data.len());
+                            return Poll::Ready(Some(Ok(hyper::body::Frame::data(data))));
+                        }
+                        Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(Box::new(e)))),
+                        Poll::Ready(None) => *data_done = true,
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+                match recv.poll_trailers(cx) {
+                    Poll::Ready(Ok(Some(t))) => {
+                        Poll::Ready(Some(Ok(hyper::body::Frame::trailers(t))))
+                    }
+                    Poll::Ready(Ok(None)) => Poll::Ready(None),
+                    Poll::Ready(Err(e)) => Poll::Ready(Some(Err(Box::new(e)))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Hyper(b) => b.is_end_stream(),
+            UpstreamBody::H2(r, _, _) => r.is_end_stream(),
+        }
+    }
 }
 
 #[derive(Default)]
 struct PoolSlot {
-    h2: Option<http2::SendRequest<ProxyBody>>,
+    h2: Option<H2Conn>,
     /// HTTP/1.1 connections, in use or idle, each with when it last took a request. One
     /// in use is not ready until its response has been read to the end, so it stays here
     /// rather than coming back from a task that waits for that.
@@ -140,7 +281,7 @@ impl Pool {
         }
     }
 
-    fn put_h2(&self, target: &Target, sender: &http2::SendRequest<ProxyBody>) {
+    fn put_h2(&self, target: &Target, sender: &H2Conn) {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         let slot = slots.entry(target.clone()).or_default();
         if slot.h2.as_ref().is_none_or(|s| s.is_closed()) {
@@ -231,7 +372,7 @@ impl Upstream {
         target: &Target,
         req: Request<ProxyBody>,
         replayable: bool,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         if let Some(sender) = self.pool.checkout(target) {
             let copy = replayable.then(|| copy_bodiless(&req));
             match (self.send_on(target, sender, req).await, copy) {
@@ -296,7 +437,7 @@ impl Upstream {
         target: &Target,
         sender: Sender,
         mut req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<Response<UpstreamBody>, SendError> {
         let timeout = self.settings.response_timeout;
         match sender {
             Sender::H1(mut s) => {
@@ -307,8 +448,9 @@ impl Upstream {
                 let response = s.send_request(req);
                 self.pool.put_h1(target, s);
                 finish(target, tokio::time::timeout(timeout, response).await)
+                    .map(|r| r.map(UpstreamBody::Hyper))
             }
-            Sender::H2(mut s) => {
+            Sender::H2(s) => {
                 // HTTP/2 carries the authority in the URI (`:authority`), not in `Host`.
                 let host = req.headers_mut().remove(http::header::HOST);
                 let authority = match host.as_ref().and_then(|h| h.to_str().ok()) {
@@ -337,16 +479,36 @@ impl Upstream {
                 };
                 uri.authority = Some(authority.map_err(|e| bad_target(&e))?);
                 *req.uri_mut() = Uri::from_parts(uri).map_err(|e| bad_target(&e))?;
-                if s.ready().await.is_err() {
-                    return Err(SendError::Unsent(ProxyError::new(
+                let unavailable = |e: h2::Error| {
+                    ProxyError::new(
                         ErrorKind::UpstreamUnavailable,
-                        format!("HTTP/2 connection to {} closed", target.host),
-                    )));
+                        format!("HTTP/2 connection to {}: {e}", target.host),
+                    )
+                };
+                let open = s.open_stream();
+                let mut send = match s.send.ready().await {
+                    Ok(send) => send,
+                    Err(e) => return Err(SendError::Unsent(unavailable(e))),
+                };
+                let (parts, body) = req.into_parts();
+                let eos = hyper::body::Body::is_end_stream(&body);
+                let (response, stream) = send
+                    .send_request(Request::from_parts(parts, ()), eos)
+                    .map_err(|e| SendError::Unsent(unavailable(e)))?;
+                if !eos {
+                    tokio::spawn(pipe_body(body, stream));
                 }
-                finish(
-                    target,
-                    tokio::time::timeout(timeout, s.send_request(req)).await,
-                )
+                match tokio::time::timeout(timeout, response).await {
+                    Err(_) => Err(SendError::Final(response_timeout(target))),
+                    Ok(Err(e)) => Err(SendError::NoResponse(unavailable(e))),
+                    Ok(Ok(r)) => {
+                        let (parts, recv) = r.into_parts();
+                        Ok(Response::from_parts(
+                            parts,
+                            UpstreamBody::H2(recv, false, open),
+                        ))
+                    }
+                }
             }
         }
     }
@@ -354,37 +516,42 @@ impl Upstream {
     /// Opens a new pooled connection to `target`.
     async fn connect(&self, target: &Target) -> Result<Sender, ProxyError> {
         let (io, h2) = self.dial(target, &self.tls).await?;
-        let io = TokioIo::new(io);
-        let handshake_err = |e: hyper::Error| {
+        let handshake_err = |e: &dyn std::fmt::Display| {
             ProxyError::new(
                 ErrorKind::UpstreamTlsProtocol,
                 format!("HTTP handshake with {}: {e}", target.host),
             )
         };
         if h2 {
-            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .max_header_list_size(self.settings.max_header_bytes as u32)
+            // hyper's client settings, which this replaces: 2 MiB stream and 5 MiB
+            // connection windows, 1 MiB of send buffer, 100 streams before the upstream's
+            // SETTINGS arrive, no server push.
+            let mut b = h2::client::Builder::new();
+            b.initial_window_size(2 * 1024 * 1024)
+                .initial_connection_window_size(5 * 1024 * 1024)
                 // Lets the upstream send DATA frames of up to 64 KiB instead of 16 KiB:
                 // each frame is one body chunk relayed to the agent, so a download costs a
                 // quarter of the per-chunk work (docs/benchmarks.md).
                 .max_frame_size(UPSTREAM_MAX_FRAME_SIZE)
-                .keep_alive_interval(Duration::from_secs(30))
-                .keep_alive_timeout(Duration::from_secs(20))
-                .handshake(io)
+                .max_header_list_size(self.settings.max_header_bytes as u32)
+                .max_send_buffer_size(1024 * 1024)
+                .initial_max_send_streams(100)
+                .enable_push(false);
+            let (send, conn) = b
+                .handshake::<_, Bytes>(io)
                 .await
-                .map_err(handshake_err)?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
+                .map_err(|e| handshake_err(&e))?;
+            let shared = Arc::new(H2Shared::default());
+            tokio::spawn(drive_h2(conn, shared.clone()));
+            let sender = H2Conn { send, shared };
             self.pool.put_h2(target, &sender);
             Ok(Sender::H2(sender))
         } else {
             let (sender, conn) = self
                 .h1_builder()
-                .handshake(io)
+                .handshake(TokioIo::new(io))
                 .await
-                .map_err(handshake_err)?;
+                .map_err(|e| handshake_err(&e))?;
             tokio::spawn(async move {
                 let _ = conn.await;
             });
@@ -707,5 +874,64 @@ fn server_name(host: &Host) -> Result<ServerName<'static>, ProxyError> {
                 format!("{n} is not a TLS server name: {e}"),
             )
         }),
+    }
+}
+
+/// Copies a request body into its HTTP/2 stream, its trailers too, as hyper's client
+/// does: each chunk is handed to h2 whole once the stream has any send window, and h2
+/// frames it as the window opens (so at most about one chunk waits in memory). Stops if
+/// the upstream resets the stream, and resets it if the agent's body fails, so that a
+/// cut upload never arrives as a complete one.
+async fn pipe_body(mut body: ProxyBody, mut stream: h2::SendStream<Bytes>) {
+    use std::task::Poll;
+    loop {
+        // Some window first, unless the upstream resets the stream meanwhile.
+        stream.reserve_capacity(1);
+        while stream.capacity() == 0 {
+            match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
+                Some(Ok(_)) => {}
+                _ => return,
+            }
+        }
+        // The next frame, unless the upstream resets the stream first (it may answer
+        // before the upload ends and want no more of it).
+        let next = std::future::poll_fn(|cx| {
+            if let Poll::Ready(frame) =
+                hyper::body::Body::poll_frame(std::pin::Pin::new(&mut body), cx)
+            {
+                return Poll::Ready(Some(frame));
+            }
+            match stream.poll_reset(cx) {
+                Poll::Ready(_) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await;
+        let frame = match next {
+            None => return,
+            Some(None) => {
+                let _ = stream.send_data(Bytes::new(), true);
+                return;
+            }
+            Some(Some(Err(_))) => {
+                stream.send_reset(h2::Reason::INTERNAL_ERROR);
+                return;
+            }
+            Some(Some(Ok(frame))) => frame,
+        };
+        match frame.into_data() {
+            Ok(data) => {
+                let last = hyper::body::Body::is_end_stream(&body);
+                if stream.send_data(data, last).is_err() || last {
+                    return;
+                }
+            }
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    let _ = stream.send_trailers(trailers);
+                    return;
+                }
+            }
+        }
     }
 }

@@ -161,6 +161,42 @@ async fn an_http2_agent_reuses_an_http1_only_upstream_connection() {
     );
 }
 
+/// What only HTTP/2 carries reaches both ways between an HTTP/2 agent and an HTTP/2
+/// upstream: a streamed request body and the response's trailers (gRPC's status).
+#[tokio::test]
+async fn http2_request_body_and_response_trailers_are_relayed() {
+    let s = setup().await;
+    let mut c = h2(s
+        .proxy
+        .tunnel("keyed.test", s.up.port(), &[b"h2", b"http/1.1"])
+        .await)
+    .await;
+    let chunks: Vec<Result<Frame<Bytes>, BoxError>> = (0..4)
+        .map(|i| Ok(Frame::data(Bytes::from(vec![b'a' + i; 50_000]))))
+        .collect();
+    let req = Request::builder()
+        .method("POST")
+        .uri(format!("https://{}/trailers", host(&s, "keyed.test")))
+        .header("te", "trailers")
+        .body(BodyExt::boxed(StreamBody::new(futures_util::stream::iter(
+            chunks,
+        ))))
+        .unwrap();
+    let resp = c.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers relayed");
+    assert_eq!(collected.to_bytes(), "reply");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(
+        trailers["x-got"], "200000",
+        "the whole request body arrived"
+    );
+    let seen = s.up.seen();
+    assert_eq!(seen[0].version, http::Version::HTTP_2);
+    assert_eq!(seen[0].headers["te"], "trailers");
+}
+
 #[tokio::test]
 async fn custom_header_injection_replaces_the_agents_value() {
     let s = setup().await;

@@ -179,7 +179,11 @@ async fn process(
     let upstream_req = Request::from_parts(parts, upstream_body);
 
     let sent = match agent_upgrade {
-        Some(_) => state.upstream.send_upgrade(&target, upstream_req).await,
+        Some(_) => state
+            .upstream
+            .send_upgrade(&target, upstream_req)
+            .await
+            .map(|r| r.map(crate::upstream::UpstreamBody::Hyper)),
         None => state.upstream.send(&target, upstream_req, replayable).await,
     };
     let mut response = match sent {

@@ -307,6 +307,29 @@ async fn upstream_handle(
             .body(full(""))
             .unwrap();
     }
+    if path == "/trailers" {
+        // gRPC's shape: the request body is read whole, the answer's status comes in
+        // trailers after the data.
+        let got = req
+            .body_mut()
+            .collect()
+            .await
+            .map(|b| b.to_bytes().len())
+            .unwrap_or(0);
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        trailers.insert("x-got", http::HeaderValue::from(got as u64));
+        let frames = vec![
+            Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"reply"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        return Response::builder()
+            .header("content-type", "application/grpc")
+            .body(BodyExt::boxed(StreamBody::new(futures_util::stream::iter(
+                frames,
+            ))))
+            .unwrap();
+    }
     if path == "/redirect" {
         return Response::builder()
             .status(302)
