@@ -97,7 +97,7 @@ enum Sender {
 /// hyper's client: hyper's spawns a task per request (a future the size of its largest
 /// variant, the whole connection) and passes each request and response through a channel
 /// and two one-shot channels; here the request's own task sends it and is woken by the
-/// response (docs/benchmarks.md: 64,500 -> 57,600 instructions a keep-alive request).
+/// response (docs/benchmarks.md: 64,500 -> 57,700 instructions a keep-alive request).
 #[derive(Clone)]
 struct H2Conn {
     send: h2::client::SendRequest<Bytes>,
