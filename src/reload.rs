@@ -113,7 +113,7 @@ impl Reloader {
         };
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if event.is_ok() {
+                if event.is_ok_and(|e| may_change_the_file(&e.kind)) {
                     let _ = watch_tx.try_send(Trigger::FileChange);
                 }
             })
@@ -129,6 +129,20 @@ impl Reloader {
     /// Asks for a reload (SIGHUP).
     pub fn trigger(&self, trigger: Trigger) {
         let _ = self.tx.try_send(trigger);
+    }
+}
+
+/// Whether a directory event may have changed the routes file. Opening, reading, or
+/// closing a file that was only read cannot, and must not count: the check after each
+/// change reads the file, which is itself such an event, and taking it for a change kept
+/// the proxy re-reading its routes file every debounce window, forever, from its first
+/// read at start. A close after writing does count.
+fn may_change_the_file(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode};
+    match kind {
+        notify::EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        notify::EventKind::Access(_) => false,
+        _ => true,
     }
 }
 
@@ -192,6 +206,39 @@ pub async fn reload(state: &ProxyState, path: &Path, trigger: Trigger) -> bool {
             state.metrics.count_reload(false);
             tracing::warn!(event = "reload", result = "error", trigger = trigger.as_str(), reason = %reason, routes_file = %path.display(), "routes file invalid; keeping the routes in force");
             false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::may_change_the_file;
+    use notify::EventKind;
+    use notify::event::{AccessKind, AccessMode, CreateKind, DataChange, ModifyKind, RemoveKind};
+
+    #[test]
+    fn reading_the_file_is_not_a_change_and_writing_or_replacing_it_is() {
+        for access in [
+            AccessKind::Open(AccessMode::Read),
+            AccessKind::Read,
+            AccessKind::Close(AccessMode::Read),
+            AccessKind::Any,
+        ] {
+            assert!(
+                !may_change_the_file(&EventKind::Access(access)),
+                "{access:?}"
+            );
+        }
+        for change in [
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            EventKind::Create(CreateKind::File),
+            EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+            EventKind::Modify(ModifyKind::Name(notify::event::RenameMode::To)),
+            EventKind::Remove(RemoveKind::File),
+            EventKind::Any,
+            EventKind::Other,
+        ] {
+            assert!(may_change_the_file(&change), "{change:?}");
         }
     }
 }

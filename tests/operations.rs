@@ -257,6 +257,50 @@ async fn file_change_without_signal_applies_within_two_seconds() {
 }
 
 #[tokio::test]
+async fn an_idle_proxy_does_not_keep_reading_its_routes_file() {
+    use notify::Watcher;
+    let proxy = ProxyBuilder::new(&routes(9, &["/v1"], false))
+        .env("OPS_TOKEN", TOKEN)
+        .start();
+    let routes_file = proxy.dir.path().join("routes.yaml");
+    // The start's own read, and one debounce window after it, pass first.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let opens = Arc::new(AtomicU64::new(0));
+    let counted = opens.clone();
+    let watched = routes_file.clone();
+    let mut watcher = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
+        if let Ok(e) = e
+            && matches!(e.kind, notify::EventKind::Access(_))
+            && e.paths.contains(&watched)
+        {
+            counted.fetch_add(1, Ordering::Relaxed);
+        }
+    })
+    .unwrap();
+    watcher
+        .watch(proxy.dir.path(), notify::RecursiveMode::NonRecursive)
+        .unwrap();
+    // Ten debounce windows: a proxy that took its own reads for changes would read the
+    // file in each of them.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(watcher);
+    assert_eq!(
+        opens.load(Ordering::Relaxed),
+        0,
+        "the routes file was read while nothing changed"
+    );
+    // A change is still seen.
+    let (status, _) = admin_get(&proxy, "/readyz").await;
+    assert_eq!(status, 200);
+    std::fs::write(&routes_file, routes(9, &["/v2"], false)).unwrap();
+    let took = within(Duration::from_secs(2), || async {
+        reloads_ok(&proxy).await >= 1.0
+    })
+    .await;
+    assert!(took.is_some(), "in-place write not applied within 2 s");
+}
+
+#[tokio::test]
 async fn kubernetes_configmap_symlink_swap_is_seen() {
     let ca = TestCa::new("ca");
     let up = Upstream::start(&ca, &["api.test", "b.test"], &[b"http/1.1"]).await;
