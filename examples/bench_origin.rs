@@ -5,7 +5,9 @@
 //! `/sse?n=N&ms=M` (N events, M ms apart, each stamped with the send time in µs since the
 //! Unix epoch), `/upload` (reads the body, answers its length).
 //!
-//! Usage: `bench_origin PORT CA_OUT_PATH`
+//! Usage: `bench_origin PORT CA_OUT_PATH`. `BENCH_ORIGIN_HTTP1=1` offers only HTTP/1.1;
+//! `BENCH_ORIGIN_SHARED_RUNTIME=1` serves on tokio's multi-threaded scheduler, as the
+//! origin did before session 8 (see `serve_thread_per_core`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -97,8 +99,7 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     })
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let args: Vec<String> = std::env::args().collect();
     let port: u16 = args
         .get(1)
@@ -149,31 +150,85 @@ async fn main() {
         vec![b"h2".to_vec(), b"http/1.1".to_vec()]
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    if std::env::var_os("BENCH_ORIGIN_SHARED_RUNTIME").is_some() {
+        serve_on_shared_runtime(listener, acceptor);
+    } else {
+        serve_thread_per_core(listener, acceptor);
+    }
+}
+
+/// One single-threaded runtime per core, each connection handed to the next in turn by
+/// the accepting thread and served on it to the end, HTTP/2 streams included: the
+/// design of nginx's workers and of most fast servers. On tokio's multi-threaded
+/// scheduler (below), an HTTP/2 connection's stream tasks bounced between the workers
+/// (0.57 context switches a request against 0.14 over HTTP/1.1), which cost this origin
+/// 9 µs a request over one multiplexed HTTP/2 connection against 4 µs here. Direct
+/// HTTP/1.1 load is faster this way too: 125,000 → 143,000 req/s from `oha -c 32`
+/// (medians of 4 alternated runs; docs/benchmarks-notes.md, session 8).
+fn serve_thread_per_core(listener: std::net::TcpListener, acceptor: tokio_rustls::TlsAcceptor) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut workers = Vec::new();
+    for _ in 0..cores {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<std::net::TcpStream>();
+        workers.push(tx);
         let acceptor = acceptor.clone();
-        tokio::spawn(async move {
-            let Ok(tls) = acceptor.accept(tcp).await else {
-                return;
-            };
-            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            let io = TokioIo::new(tls);
-            let svc = hyper::service::service_fn(handle);
-            if h2 {
-                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(io, svc)
-                    .await;
-            } else {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, svc)
-                    .await;
-            }
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                while let Some(tcp) = rx.recv().await {
+                    let _ = tcp.set_nonblocking(true);
+                    if let Ok(tcp) = tokio::net::TcpStream::from_std(tcp) {
+                        tokio::spawn(serve(acceptor.clone(), tcp));
+                    }
+                }
+            });
         });
+    }
+    for (tcp, worker) in listener.incoming().zip(workers.iter().cycle()) {
+        if let Ok(tcp) = tcp {
+            let _ = worker.send(tcp);
+        }
+    }
+}
+
+/// `BENCH_ORIGIN_SHARED_RUNTIME=1`: tokio's multi-threaded scheduler, the origin the
+/// benchmarks used before session 8, for comparing with their figures.
+fn serve_on_shared_runtime(listener: std::net::TcpListener, acceptor: tokio_rustls::TlsAcceptor) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        listener.set_nonblocking(true).unwrap();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(serve(acceptor.clone(), tcp));
+        }
+    });
+}
+
+async fn serve(acceptor: tokio_rustls::TlsAcceptor, tcp: tokio::net::TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    let Ok(tls) = acceptor.accept(tcp).await else {
+        return;
+    };
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let io = TokioIo::new(tls);
+    let svc = hyper::service::service_fn(handle);
+    if h2 {
+        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(io, svc)
+            .await;
+    } else {
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, svc)
+            .await;
     }
 }
