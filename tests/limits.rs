@@ -124,6 +124,67 @@ async fn idle_connections_and_silent_handshakes_are_closed() {
     );
 }
 
+/// Trickles a request head into `tls` a byte every 100 ms and never finishes it; how long
+/// the proxy took to close the connection (`None`: still open after 6 s).
+async fn trickled_head_lasts(
+    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    port: u16,
+) -> Option<Duration> {
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let start = Instant::now();
+    let head = format!("GET /x HTTP/1.1\r\nhost: api.test:{port}\r\nx-slow: ");
+    let trickle = async move {
+        wr.write_all(head.as_bytes()).await?;
+        for _ in 0..60 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            wr.write_all(b"a").await?;
+        }
+        std::io::Result::Ok(())
+    };
+    let closed = async move {
+        let mut buf = [0u8; 256];
+        while matches!(rd.read(&mut buf).await, Ok(n) if n > 0) {}
+    };
+    tokio::select! {
+        _ = closed => Some(start.elapsed()),
+        // A write failing means the proxy closed the connection too.
+        r = trickle => r.is_err().then(|| start.elapsed()),
+    }
+}
+
+#[tokio::test]
+async fn a_tunnel_request_head_must_complete_within_the_idle_timeout() {
+    let (ca, up) = upstream().await;
+    let proxy = ProxyBuilder::new(&routes(up.port()))
+        .upstream(&ca, &[("api.test", up.port())])
+        .arg("--idle-timeout")
+        .arg("1")
+        .start();
+    // The first head of a tunnel.
+    let tls = proxy.tunnel("api.test", up.port(), &[b"http/1.1"]).await;
+    let took = trickled_head_lasts(tls, up.port()).await;
+    assert!(
+        took.is_some_and(|t| t < Duration::from_millis(1800)),
+        "{took:?}"
+    );
+    // A head after a request completed on the same connection.
+    let mut tls = proxy.tunnel("api.test", up.port(), &[b"http/1.1"]).await;
+    let req = format!("GET /x HTTP/1.1\r\nhost: api.test:{}\r\n\r\n", up.port());
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tls.read(&mut buf).await.unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    let took = trickled_head_lasts(tls, up.port()).await;
+    assert!(
+        took.is_some_and(|t| t < Duration::from_millis(1800)),
+        "{took:?}"
+    );
+}
+
 #[tokio::test]
 async fn silent_upstream_response_head_is_504() {
     let (ca, up) = upstream().await;
