@@ -93,7 +93,7 @@ the medians of {r['runs']} runs of {r['seconds']} s each, transfers the medians 
 Machine: {machine}, shared by client, origin and proxy; loopback only. Clients: `oha` for
 request load, curl for transfers, small Python clients (in `scripts/bench.py`) for SSE,
 leaf minting and idle connections. Origin: `examples/bench_origin.rs` (hyper + rustls,
-offers h2 and http/1.1). egress-proxy: the release build, logging every request at `info`
+one single-threaded runtime per core, offers h2 and http/1.1). egress-proxy: the release build, logging every request at `info`
 to a file, as deployed. mitmproxy {MITM} in regular mode with `scripts/bench_mitm_addon.py`
 (the same allowlist and header injection, bodies streamed). Ratio = through the proxy ÷
 direct, measured in the same run, with the runs of the targets alternated (direct,
