@@ -263,8 +263,9 @@ async fn an_idle_proxy_does_not_keep_reading_its_routes_file() {
         .env("OPS_TOKEN", TOKEN)
         .start();
     let routes_file = proxy.dir.path().join("routes.yaml");
-    // The start's own read, and one debounce window after it, pass first.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The start's own read (right after the line `start` waits for), and a few debounce
+    // windows after it, pass first.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     let opens = Arc::new(AtomicU64::new(0));
     let counted = opens.clone();
     let watched = routes_file.clone();
