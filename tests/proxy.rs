@@ -490,6 +490,45 @@ fn pattern_body(total: u64) -> ClientBody {
     BodyExt::boxed(StreamBody::new(stream))
 }
 
+/// An HTTP/2 agent gets a large body in DATA frames of at most 16,375 bytes, so that each
+/// frame with its 9-byte head fills one TLS record instead of spilling its last bytes
+/// into a second, nearly empty one; the body arrives whole and in order.
+#[tokio::test]
+async fn http2_data_frames_to_the_agent_each_fit_one_tls_record() {
+    let s = setup().await;
+    const SIZE: u64 = 1024 * 1024;
+    const ONE_RECORD: usize = 16_384 - 9;
+    let mut c = h2(s.proxy.tunnel("api.test", s.up.port(), &[b"h2"]).await).await;
+    let req = Request::builder()
+        .uri(format!("https://{}/download/{SIZE}", host(&s, "api.test")))
+        .body(empty())
+        .unwrap();
+    let resp = c.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let (mut n, mut bad, mut frames, mut largest) = (0u64, 0u64, 0u64, 0usize);
+    while let Some(frame) = body.frame().await {
+        if let Some(d) = frame.unwrap().data_ref() {
+            frames += 1;
+            largest = largest.max(d.len());
+            for &b in d.iter() {
+                if b != pattern_byte(n) {
+                    bad += 1;
+                }
+                n += 1;
+            }
+        }
+    }
+    assert_eq!((n, bad), (SIZE, 0));
+    assert_eq!(
+        largest, ONE_RECORD,
+        "frames are filled up to one record, not beyond"
+    );
+    // Split only where a record is full: a short piece at most per upstream DATA frame.
+    let fewest = SIZE.div_ceil(ONE_RECORD as u64);
+    assert!(frames <= 2 * fewest, "{frames} frames for {SIZE} bytes");
+}
+
 #[tokio::test]
 async fn sixty_four_mib_download_and_upload_intact_with_flat_memory() {
     let s = setup().await;

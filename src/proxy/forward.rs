@@ -17,7 +17,7 @@ use hyper::body::{Body, Incoming};
 use hyper_util::rt::TokioIo;
 
 use super::ClientConn;
-use super::body::Tracked;
+use super::body::{RecordSized, Tracked};
 use super::framing::HeadLog;
 use super::intercept::Tunnel;
 use crate::error::{ErrorKind, ProxyBody, ProxyError, empty_body};
@@ -211,7 +211,12 @@ async fn process(
     let (mut parts, body) = response.into_parts();
     rewrite_response_headers(&mut parts.headers, false);
     let bytes_down = record.bytes_down.clone();
-    let body = Tracked::new(body, body_idle, bytes_down, (record, in_flight)).boxed_unsync();
+    let keep = (record, in_flight);
+    let body = if h1 {
+        Tracked::new(body, body_idle, bytes_down, keep).boxed_unsync()
+    } else {
+        Tracked::new(RecordSized::new(body), body_idle, bytes_down, keep).boxed_unsync()
+    };
     Response::from_parts(parts, body)
 }
 
