@@ -1,6 +1,7 @@
 //! Micro-benchmarks of what every request or every new host pays inside the proxy:
 //! the policy decision (allocation-free: `tests/allocations.rs`), the path check, and a
-//! leaf certificate minted for a new host against one served from the cache.
+//! leaf certificate minted for a new host against one served from the cache; and, for
+//! the reload row, what loading a routes file costs.
 //!
 //! `cargo bench --bench hot_path`; figures and the command are in docs/benchmarks.md.
 
@@ -110,5 +111,19 @@ fn leaves(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, policy, leaves);
+/// What one reload pays before the swap: parse and validate a routes file (on a blocking
+/// thread, `src/reload.rs`), for the example file and for the bench's two routes.
+fn reload(c: &mut Criterion) {
+    let example = include_str!("../routes.example.yaml");
+    let two_routes = "routes:\n  - host: localhost\n    ports: [8443]\n    auth_scheme: Bearer\n    token_env: T\n  - host: \"*.bench.test\"\n    ports: [8443]\n";
+    let mut group = c.benchmark_group("routes_load");
+    for (name, text) in [("example_file", example), ("two_routes", two_routes)] {
+        group.bench_function(name, |b| {
+            b.iter(|| RouteTable::from_text(black_box(text), &OneSecret("token-value")).is_ok())
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, policy, leaves, reload);
 criterion_main!(benches);
