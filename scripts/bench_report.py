@@ -89,7 +89,8 @@ def main():
     text = f"""# Benchmarks
 
 Command: `scripts/bench` (here `BENCH_RUNS={r['runs']} BENCH_SECONDS={r['seconds']}`: request rates are
-the medians of {r['runs']} runs of {r['seconds']} s each, transfers the medians of {r['runs']} runs).
+the medians of {r['runs']} runs of {r['seconds']} s each, transfers the medians of {r['runs']} runs; the reload row's
+p99s the medians of {r['reload'].get('pairs', r['runs'])} alternated pairs of runs, as one run's p99 moves by about as much as its goal allows).
 Machine: {machine}, shared by client, origin and proxy; loopback only. Clients: `oha` for
 request load, curl for transfers, small Python clients (in `scripts/bench.py`) for SSE,
 leaf minting and idle connections. Origin: `examples/bench_origin.rs` (hyper + rustls,
