@@ -91,9 +91,14 @@ where
 /// proxy cost the agent more than one straight from an origin sending the same frames.
 pub const DATA_IN_ONE_RECORD: usize = 16_384 - 9;
 
+/// The smallest frame size an HTTP/2 peer may allow, and what agents allow in practice.
+const SMALLEST_MAX_FRAME: usize = 16_384;
+
 pin_project! {
-    /// Splits a body's data frames into pieces of at most [`DATA_IN_ONE_RECORD`] bytes
-    /// (without copying: each piece shares the frame's buffer), for an HTTP/2 agent.
+    /// Splits a body's data frames larger than a frame into pieces of at most
+    /// [`DATA_IN_ONE_RECORD`] bytes (without copying: each piece shares the frame's
+    /// buffer), for an HTTP/2 agent. A chunk that fits one frame is left whole: cutting
+    /// it would only add a frame (and a system call) for the same two records.
     pub struct RecordSized<B> {
         #[pin]
         inner: B,
@@ -122,6 +127,9 @@ impl<B: Body<Data = Bytes>> Body for RecordSized<B> {
         if this.rest.is_empty() {
             match std::task::ready!(this.inner.poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) if data.len() <= SMALLEST_MAX_FRAME => {
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
                     Ok(data) => *this.rest = data,
                     Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
                 },
@@ -181,9 +189,11 @@ mod tests {
     #[tokio::test]
     async fn record_sized_splits_large_frames_and_keeps_the_rest_whole() {
         let big = Bytes::from(vec![7u8; 3 * DATA_IN_ONE_RECORD + 100]);
+        let one_frame = Bytes::from(vec![8u8; SMALLEST_MAX_FRAME]);
         let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
             Ok(Frame::data(Bytes::from_static(b"small"))),
             Ok(Frame::data(big.clone())),
+            Ok(Frame::data(one_frame.clone())),
             Ok(Frame::trailers(http::HeaderMap::new())),
         ];
         let body = RecordSized::new(StreamBody::new(futures_util::stream::iter(frames)));
@@ -201,32 +211,24 @@ mod tests {
                 Err(_) => trailers += 1,
             }
         }
-        assert_eq!(
-            sizes,
-            [
-                5,
-                DATA_IN_ONE_RECORD,
-                DATA_IN_ONE_RECORD,
-                DATA_IN_ONE_RECORD,
-                100
-            ]
-        );
-        assert_eq!(&joined[5..], &big[..]);
+        // A chunk of one frame or less stays whole.
+        let piece = DATA_IN_ONE_RECORD;
+        assert_eq!(sizes, [5, piece, piece, piece, 100, SMALLEST_MAX_FRAME]);
+        assert_eq!(&joined[5..5 + big.len()], &big[..]);
+        assert_eq!(&joined[5 + big.len()..], &one_frame[..]);
         assert_eq!(trailers, 1);
 
         // The end is reported only once the last piece is out.
-        let whole = http_body_util::Full::new(Bytes::from(vec![1u8; DATA_IN_ONE_RECORD + 1]));
+        let len = SMALLEST_MAX_FRAME + 1;
+        let whole = http_body_util::Full::new(Bytes::from(vec![1u8; len]));
         let mut body = Box::pin(RecordSized::new(whole));
-        assert_eq!(
-            body.size_hint().exact(),
-            Some(DATA_IN_ONE_RECORD as u64 + 1)
-        );
+        assert_eq!(body.size_hint().exact(), Some(len as u64));
         let first = body.as_mut().frame().await.unwrap().unwrap();
-        assert_eq!(first.into_data().unwrap().len(), DATA_IN_ONE_RECORD);
+        assert_eq!(first.into_data().unwrap().len(), piece);
         assert!(!body.is_end_stream());
-        assert_eq!(body.size_hint().exact(), Some(1));
+        assert_eq!(body.size_hint().exact(), Some((len - piece) as u64));
         let last = body.as_mut().frame().await.unwrap().unwrap();
-        assert_eq!(last.into_data().unwrap().len(), 1);
+        assert_eq!(last.into_data().unwrap().len(), len - piece);
         assert!(body.is_end_stream());
     }
 }
