@@ -84,12 +84,12 @@ where
     }
 }
 
-/// The most body bytes an HTTP/2 DATA frame to the agent carries: with its 9-byte frame
-/// head, exactly one full TLS record (16,384 bytes of plaintext). A frame of the usual
-/// 16,384-byte limit needs a second record for its last 9 bytes, and the agent then
-/// decrypts two records per frame, one of them nearly empty: a download through the
-/// proxy cost the agent more than one straight from an origin sending the same frames.
-pub const DATA_IN_ONE_RECORD: usize = 16_384 - 9;
+/// The most body bytes a DATA frame can carry and still fit, with its 9-byte head, in one
+/// TLS record (16,384 bytes of plaintext). A frame of the usual 16,384-byte limit needs a
+/// second record for its last 9 bytes, and the agent then decrypts two records per frame,
+/// one of them nearly empty: a download through the proxy cost the agent more than one
+/// straight from an origin sending the same frames.
+const DATA_IN_ONE_RECORD: usize = 16_384 - 9;
 
 /// The smallest frame size an HTTP/2 peer may allow, and what agents allow in practice.
 const SMALLEST_MAX_FRAME: usize = 16_384;
