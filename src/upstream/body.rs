@@ -1,0 +1,308 @@
+//! Bodies on the upstream side: the response body from either client
+//! ([`UpstreamBody`]), and the request body on its way up ([`Upload`]).
+//!
+//! The upload is watched for two reasons. The response timeout runs from the moment the
+//! request body last moved, not from the request's start (SPEC §4a): an upload that keeps
+//! moving is never cut however long it takes, and one the upstream stops taking is cut
+//! like an upstream that stops answering ([`await_head`]). And when the agent's own body
+//! fails (a bad chunk size, fewer bytes than its `Content-Length`), the send fails too,
+//! and that failure is the agent's, not the upstream's (SPEC §4.3: `400`, never `502`).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+
+use super::h2::OpenStream;
+use crate::error::{BodyError, BoxError};
+
+/// A response body from either client.
+pub enum UpstreamBody {
+    Hyper(Incoming),
+    /// The stream, whether its data has ended (trailers may follow), and its count in
+    /// the connection's open requests.
+    H2(h2::RecvStream, bool, OpenStream),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            UpstreamBody::Hyper(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map_err(|e| Box::new(e) as BoxError),
+            UpstreamBody::H2(recv, data_done, _) => {
+                if !*data_done {
+                    match recv.poll_data(cx) {
+                        Poll::Ready(Some(Ok(data))) => {
+                            let _ = recv.flow_control().release_capacity(data.len());
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
+                        Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(Box::new(e)))),
+                        Poll::Ready(None) => *data_done = true,
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+                match recv.poll_trailers(cx) {
+                    Poll::Ready(Ok(Some(t))) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
+                    Poll::Ready(Ok(None)) => Poll::Ready(None),
+                    Poll::Ready(Err(e)) => Poll::Ready(Some(Err(Box::new(e)))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Hyper(b) => b.is_end_stream(),
+            UpstreamBody::H2(r, _, _) => r.is_end_stream(),
+        }
+    }
+}
+
+/// What a request's upload has done so far, shared between the body the upstream client
+/// reads and the request waiting for its response head.
+#[derive(Debug)]
+pub(super) struct UploadState {
+    epoch: Instant,
+    /// When the client last took a frame of the body (or found its end), in ms since
+    /// `epoch`: the client takes a frame only when the upstream has room for it, so this
+    /// is when the upload last moved.
+    moved_ms: AtomicU64,
+    /// The client is waiting for the agent's next frame: a silence that is the agent's,
+    /// which its body's own timer reports (`proxy::body::Tracked`).
+    awaiting_agent: AtomicBool,
+    /// Why the agent's body failed, if it did.
+    agent_error: OnceLock<String>,
+}
+
+impl UploadState {
+    pub(super) fn new() -> UploadState {
+        UploadState {
+            epoch: Instant::now(),
+            moved_ms: AtomicU64::new(0),
+            awaiting_agent: AtomicBool::new(false),
+            agent_error: OnceLock::new(),
+        }
+    }
+
+    fn moved(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.moved_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn moved_at(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.moved_ms.load(Ordering::Relaxed))
+    }
+
+    /// Why the agent's own body failed, if it did.
+    pub(super) fn agent_error(&self) -> Option<&str> {
+        self.agent_error.get().map(String::as_str)
+    }
+}
+
+pin_project! {
+    /// A request body on its way up, reporting to an [`UploadState`].
+    pub(super) struct Upload<B> {
+        #[pin]
+        inner: B,
+        state: std::sync::Arc<UploadState>,
+    }
+}
+
+impl<B> Upload<B> {
+    pub(super) fn new(inner: B, state: std::sync::Arc<UploadState>) -> Self {
+        Upload { inner, state }
+    }
+}
+
+impl<B: Body<Data = Bytes, Error = BodyError>> Body for Upload<B> {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        let state = &**this.state;
+        state
+            .awaiting_agent
+            .store(polled.is_pending(), Ordering::Relaxed);
+        match &polled {
+            Poll::Ready(Some(Err(e))) => {
+                let _ = state.agent_error.set(e.to_string());
+            }
+            Poll::Ready(_) => state.moved(),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Waits for `response` (a request being sent, then its response head) for as long as
+/// the request keeps moving: it fails once `timeout` has passed since the upload last
+/// moved, or since the wait began for a request without a body. A silence that is the
+/// agent's (the client is waiting for its next frame) is not the upstream's: the agent's
+/// body times out by itself, and the send fails with it.
+pub(super) async fn await_head<F: Future>(
+    response: F,
+    upload: Option<&UploadState>,
+    timeout: Duration,
+) -> Result<F::Output, ()> {
+    let mut response = std::pin::pin!(response);
+    let mut deadline = Instant::now() + timeout;
+    loop {
+        tokio::select! {
+            biased;
+            r = response.as_mut() => return Ok(r),
+            _ = tokio::time::sleep_until(deadline) => {}
+        }
+        let Some(upload) = upload else {
+            return Err(());
+        };
+        let now = Instant::now();
+        let moved = upload.moved_at() + timeout;
+        if moved > now {
+            deadline = moved;
+        } else if upload.awaiting_agent.load(Ordering::Relaxed) {
+            deadline = now + timeout;
+        } else {
+            return Err(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, StreamBody};
+    use std::sync::Arc;
+
+    type Frames = tokio::sync::mpsc::Sender<Result<Frame<Bytes>, BodyError>>;
+
+    fn channel_body() -> (Frames, impl Body<Data = Bytes, Error = BodyError>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        (tx, StreamBody::new(stream))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_moving_upload_is_never_cut_and_the_timeout_runs_from_its_end() {
+        let state = Arc::new(UploadState::new());
+        let (tx, body) = channel_body();
+        let mut body = Box::pin(Upload::new(body, state.clone()));
+        // The "upstream" takes a frame every 4 s for 20 s, then the body ends; the response
+        // comes 9 s after that. With a 5 s timeout, only the time since the last move counts.
+        let reader = tokio::spawn(async move {
+            while let Some(frame) = body.as_mut().frame().await {
+                frame.unwrap();
+            }
+        });
+        let feeder = tokio::spawn(async move {
+            for _ in 0..5 {
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                tx.send(Ok(Frame::data(Bytes::from_static(b"x"))))
+                    .await
+                    .unwrap();
+            }
+        });
+        let response = async {
+            feeder.await.unwrap();
+            reader.await.unwrap();
+            tokio::time::sleep(Duration::from_millis(4900)).await;
+            "head"
+        };
+        let got = await_head(response, Some(&state), Duration::from_secs(5)).await;
+        assert_eq!(got, Ok("head"));
+
+        // The same wait with a head that comes 5.1 s after the end is cut.
+        let state = Arc::new(UploadState::new());
+        state.moved();
+        let late = tokio::time::sleep(Duration::from_millis(5100));
+        assert_eq!(
+            await_head(late, Some(&state), Duration::from_secs(5)).await,
+            Err(())
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upload_the_upstream_stops_taking_is_cut_after_the_timeout() {
+        let state = Arc::new(UploadState::new());
+        let (tx, body) = channel_body();
+        let mut body = Box::pin(Upload::new(body, state.clone()));
+        tx.send(Ok(Frame::data(Bytes::from_static(b"x"))))
+            .await
+            .unwrap();
+        body.as_mut().frame().await.unwrap().unwrap();
+        // Nobody reads the body any more: the upstream is not taking it.
+        let started = Instant::now();
+        let never = std::future::pending::<()>();
+        assert_eq!(
+            await_head(never, Some(&state), Duration::from_secs(5)).await,
+            Err(())
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        drop(tx);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_agents_silence_and_failure_are_the_agents() {
+        let state = Arc::new(UploadState::new());
+        let (tx, body) = channel_body();
+        let mut body = Box::pin(Upload::new(body, state.clone()));
+        // The client waits for the agent's next frame: the head wait does not give up.
+        let waiting = tokio::spawn(async move {
+            let frame = body.as_mut().frame().await.unwrap();
+            (frame.is_err(), body)
+        });
+        let waited = await_head(
+            tokio::time::sleep(Duration::from_secs(12)),
+            Some(&state),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert_eq!(waited, Ok(()));
+        tx.send(Err(BodyError("invalid chunk size".into())))
+            .await
+            .unwrap();
+        let (failed, _body) = waiting.await.unwrap();
+        assert!(failed);
+        assert_eq!(state.agent_error(), Some("invalid chunk size"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_without_a_body_waits_the_timeout_from_the_start() {
+        let started = Instant::now();
+        let never = std::future::pending::<()>();
+        assert_eq!(
+            await_head(never, None, Duration::from_secs(3)).await,
+            Err(())
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
+    }
+}
