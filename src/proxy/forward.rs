@@ -20,6 +20,7 @@ use super::ClientConn;
 use super::body::{RecordSized, Tracked};
 use super::framing::HeadLog;
 use super::intercept::Tunnel;
+use super::stall::Cuttable;
 use crate::error::{ErrorKind, ProxyBody, ProxyError, empty_body};
 use crate::policy::{self, Authority, Channel, RequestView, TargetError, parse_target};
 use crate::routes::Injection;
@@ -188,9 +189,10 @@ async fn process(
     };
     let mut response = match sent {
         Ok(r) => r,
-        Err(e) => {
-            return record.failed(&e, false);
-        }
+        // The agent's own body broke its framing: its error, and its connection cannot
+        // carry another request.
+        Err(e) if e.kind == ErrorKind::BadRequest => return record.refused(&e, h1),
+        Err(e) => return record.failed(&e, false),
     };
     record.status = response.status().as_u16();
 
@@ -200,6 +202,8 @@ async fn process(
         let upstream_upgrade = hyper::upgrade::on(&mut response);
         let (mut parts, _) = response.into_parts();
         rewrite_response_headers(&mut parts.headers, true);
+        // A WebSocket has no silence timeout either way (SPEC §2).
+        conn.write_stall.turn_off();
         tokio::spawn(relay_websocket(
             agent_upgrade,
             upstream_upgrade,
@@ -215,7 +219,10 @@ async fn process(
     let body = if h1 {
         Tracked::new(body, body_idle, bytes_down, keep).boxed_unsync()
     } else {
-        Tracked::new(RecordSized::new(body), body_idle, bytes_down, keep).boxed_unsync()
+        // One stream's window can be full while the connection moves: its own watcher
+        // cuts it (`stall`); an HTTP/1.1 agent's full socket is `WriteStall`'s.
+        let body = Tracked::new(RecordSized::new(body), body_idle, bytes_down, keep);
+        Cuttable::new(body, body_idle).boxed_unsync()
     };
     Response::from_parts(parts, body)
 }

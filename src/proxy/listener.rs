@@ -20,6 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::framing::{HeadLog, Sniffed};
 use super::linger::LingeringTcp;
+use super::stall::{StallSwitch, WriteStall};
 use super::{ClientConn, OpenConnection, ProxyState, drive_connection, forward, intercept};
 use crate::destination;
 use crate::error::{ErrorKind, ProxyBody, ProxyError, empty_body};
@@ -59,6 +60,7 @@ pub async fn serve(
             state: state.clone(),
             activity: super::Activity::new(),
             plain_head_log: HeadLog::new(state.limits.max_header_bytes + 8192),
+            write_stall: StallSwitch::default(),
             _open: Arc::new(OpenConnection {
                 state: state.clone(),
                 _slot: slot,
@@ -102,7 +104,13 @@ async fn refuse_over_limit(mut stream: TcpStream, client: SocketAddr, state: Arc
 }
 
 async fn serve_client(stream: TcpStream, conn: ClientConn) {
-    let stream = LingeringTcp::new(stream, conn._open.clone());
+    // Under TLS and HTTP, so that an agent that stops reading is noticed whatever it
+    // carries (plain HTTP, or a tunnel: the upgrade keeps this stream).
+    let stream = WriteStall::new(
+        LingeringTcp::new(stream, conn._open.clone()),
+        conn.state.limits.body_idle_timeout,
+        conn.write_stall.clone(),
+    );
     let head_log = conn.plain_head_log.clone();
     let limits = &conn.state.limits;
     let builder = limits.http1_server(limits.client_timeout);

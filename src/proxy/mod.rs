@@ -12,6 +12,7 @@ pub mod intercept;
 mod linger;
 pub mod listener;
 pub mod observe;
+pub mod stall;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -242,5 +243,7 @@ pub struct ClientConn {
     pub activity: Arc<Activity>,
     /// Raw heads of the plain-HTTP requests on this connection (framing check).
     pub plain_head_log: Arc<framing::HeadLog>,
+    /// Turns off the connection's write-stall timeout once it relays a WebSocket.
+    pub write_stall: stall::StallSwitch,
     _open: Arc<OpenConnection>,
 }

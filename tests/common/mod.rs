@@ -107,6 +107,9 @@ pub struct Upstream {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
     pub connections: Arc<AtomicUsize>,
+    /// `/download` bodies being sent: one ends (and leaves this count) when it is sent
+    /// whole, or when the proxy resets its stream or closes its connection.
+    pub downloading: Arc<AtomicUsize>,
 }
 
 impl Upstream {
@@ -116,7 +119,9 @@ impl Upstream {
         let acceptor = TlsAcceptor::from(ca.server_config(names, alpn));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
-        let (seen2, conns2) = (seen.clone(), connections.clone());
+        let downloading = Arc::new(AtomicUsize::new(0));
+        let (seen2, conns2, downloading2) =
+            (seen.clone(), connections.clone(), downloading.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
@@ -125,6 +130,7 @@ impl Upstream {
                 conns2.fetch_add(1, Ordering::SeqCst);
                 let acceptor = acceptor.clone();
                 let seen = seen2.clone();
+                let downloading = downloading2.clone();
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
@@ -132,7 +138,8 @@ impl Upstream {
                     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                     let svc = service_fn(move |req| {
                         let seen = seen.clone();
-                        async move { Ok::<_, Infallible>(upstream_handle(req, seen).await) }
+                        let downloading = downloading.clone();
+                        async move { Ok::<_, Infallible>(upstream_handle(req, seen, downloading).await) }
                     });
                     let io = TokioIo::new(tls);
                     if h2 {
@@ -152,6 +159,7 @@ impl Upstream {
             addr,
             seen,
             connections,
+            downloading,
         }
     }
 
@@ -180,9 +188,19 @@ fn full(b: impl Into<Bytes>) -> ClientBody {
     Full::new(b.into()).map_err(|e| match e {}).boxed()
 }
 
+/// Counts a `/download` body as being sent until dropped.
+struct Downloading(Arc<AtomicUsize>);
+
+impl Drop for Downloading {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 async fn upstream_handle(
     mut req: Request<Incoming>,
     seen: Arc<Mutex<Vec<Seen>>>,
+    downloading: Arc<AtomicUsize>,
 ) -> Response<ClientBody> {
     let pq = req
         .uri()
@@ -235,16 +253,22 @@ async fn upstream_handle(
     }
     if let Some(n) = path.strip_prefix("/download/") {
         let total: u64 = n.parse().unwrap_or(0);
-        let stream = futures_util::stream::unfold(0u64, move |sent| async move {
-            if sent >= total {
-                return None;
+        downloading.fetch_add(1, Ordering::SeqCst);
+        let guard = Arc::new(Downloading(downloading));
+        let stream = futures_util::stream::unfold(0u64, move |sent| {
+            let guard = guard.clone();
+            async move {
+                let _ = &guard;
+                if sent >= total {
+                    return None;
+                }
+                let len = (total - sent).min(64 * 1024);
+                let chunk: Vec<u8> = (sent..sent + len).map(pattern_byte).collect();
+                Some((
+                    Ok::<_, BoxError>(Frame::data(Bytes::from(chunk))),
+                    sent + len,
+                ))
             }
-            let len = (total - sent).min(64 * 1024);
-            let chunk: Vec<u8> = (sent..sent + len).map(pattern_byte).collect();
-            Some((
-                Ok::<_, BoxError>(Frame::data(Bytes::from(chunk))),
-                sent + len,
-            ))
         });
         return Response::builder()
             .header("content-length", total.to_string())

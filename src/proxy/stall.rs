@@ -1,0 +1,325 @@
+//! An agent that stops reading is cut like an upstream that stops sending (SPEC §4a).
+//!
+//! A response body's own silence timer (`body::Tracked`) runs only while hyper polls the
+//! body, and hyper stops polling it when it cannot send: the agent's socket is full, or,
+//! over HTTP/2, the agent's flow-control window is. Nothing would ever cut such a
+//! request, and whatever it holds upstream (a stream on a shared HTTP/2 connection, with
+//! its share of the window; a whole HTTP/1.1 connection) would stay held for as long as
+//! the agent liked. Two watchers, each measuring bytes actually moved, close the gap:
+//!
+//! - [`WriteStall`], under an agent connection's TLS and HTTP: a write that cannot make
+//!   progress for the timeout fails, and the connection is closed. This covers an agent
+//!   whose socket is full, on either HTTP version. An upgraded WebSocket has no silence
+//!   timeout (SPEC §2), so relaying one turns it off ([`StallSwitch`]).
+//! - [`Cuttable`], around an HTTP/2 response body: one stream's window can be full while
+//!   the connection moves, so a task of its own watches when the body last gave hyper a
+//!   frame and, after the timeout, drops the body, which releases the upstream stream or
+//!   connection and ends the request's log record; the stream is reset when hyper next
+//!   asks it for data.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+use crate::error::BodyError;
+
+/// Turns a connection's [`WriteStall`] off for good: the connection carries a WebSocket
+/// now, which may leave its writes blocked for as long as the agent likes.
+#[derive(Debug, Clone, Default)]
+pub struct StallSwitch(Arc<AtomicBool>);
+
+impl StallSwitch {
+    pub fn turn_off(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    fn is_off(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// An agent's stream whose writes fail once none has made progress for `timeout`.
+#[derive(Debug)]
+pub struct WriteStall<IO> {
+    inner: IO,
+    timeout: Duration,
+    switch: StallSwitch,
+    /// Armed when a write could not proceed; allocated on the first such write only, so
+    /// a connection that never stalls carries no timer.
+    timer: Option<Pin<Box<Sleep>>>,
+    stalled: bool,
+}
+
+impl<IO> WriteStall<IO> {
+    pub fn new(inner: IO, timeout: Duration, switch: StallSwitch) -> Self {
+        WriteStall {
+            inner,
+            timeout,
+            switch,
+            timer: None,
+            stalled: false,
+        }
+    }
+
+    pub fn get_ref(&self) -> &IO {
+        &self.inner
+    }
+
+    /// Notes how a write went; a write that has been blocked for the timeout becomes an
+    /// error.
+    fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() || self.switch.is_off() {
+            self.stalled = false;
+            self.timer = None;
+            return polled;
+        }
+        let deadline = Instant::now() + self.timeout;
+        let timer = match &mut self.timer {
+            Some(timer) => {
+                if !self.stalled {
+                    timer.as_mut().reset(deadline);
+                }
+                timer
+            }
+            None => self
+                .timer
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        self.stalled = true;
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the agent read nothing for {}s", self.timeout.as_secs_f64()),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for WriteStall<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for WriteStall<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.watch(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.watch(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.watch(cx, polled)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.watch(cx, polled)
+    }
+}
+
+/// What a [`Cuttable`] body and its watcher share.
+struct Shared<B> {
+    /// `None` once the watcher cut the body.
+    body: Mutex<Option<Pin<Box<B>>>>,
+    epoch: Instant,
+    /// When the body last gave hyper a frame, in ms since `epoch`.
+    moved_ms: AtomicU64,
+}
+
+impl<B> Shared<B> {
+    fn moved_at(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.moved_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// An HTTP/2 response body that a watcher task drops once hyper has taken no frame of it
+/// for the timeout (see the module doc). The watcher ends with the body.
+pub struct Cuttable<B> {
+    shared: Arc<Shared<B>>,
+    timeout: Duration,
+    /// Dropped with the body, which ends the watcher.
+    _alive: tokio::sync::oneshot::Sender<()>,
+}
+
+impl<B: Send + 'static> Cuttable<B> {
+    pub fn new(body: B, timeout: Duration) -> Self {
+        let shared = Arc::new(Shared {
+            body: Mutex::new(Some(Box::pin(body))),
+            epoch: Instant::now(),
+            moved_ms: AtomicU64::new(0),
+        });
+        let (alive, gone) = tokio::sync::oneshot::channel();
+        tokio::spawn(watch(shared.clone(), gone, timeout));
+        Cuttable {
+            shared,
+            timeout,
+            _alive: alive,
+        }
+    }
+}
+
+async fn watch<B>(
+    shared: Arc<Shared<B>>,
+    mut gone: tokio::sync::oneshot::Receiver<()>,
+    timeout: Duration,
+) {
+    let mut deadline = shared.moved_at() + timeout;
+    loop {
+        tokio::select! {
+            _ = &mut gone => return,
+            _ = tokio::time::sleep_until(deadline) => {}
+        }
+        let moved = shared.moved_at() + timeout;
+        if moved > Instant::now() {
+            deadline = moved;
+            continue;
+        }
+        let body = shared.body.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if body.is_some() {
+            tracing::debug!("the agent read nothing of a response for the timeout; cutting it");
+        }
+        // Dropped outside the lock: the body's drop logs the request and releases its
+        // upstream stream or connection.
+        drop(body);
+        return;
+    }
+}
+
+impl<B> Body for Cuttable<B>
+where
+    B: Body<Data = Bytes, Error = BodyError>,
+{
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        let mut guard = this.shared.body.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(body) = guard.as_mut() else {
+            return Poll::Ready(Some(Err(BodyError(
+                format!("the agent read nothing for {}s", this.timeout.as_secs_f64()).into(),
+            ))));
+        };
+        let polled = body.as_mut().poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &polled {
+            let ms = this.shared.epoch.elapsed().as_millis() as u64;
+            this.shared.moved_ms.store(ms, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let guard = self.shared.body.lock().unwrap_or_else(|p| p.into_inner());
+        guard.as_ref().is_some_and(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let guard = self.shared.body.lock().unwrap_or_else(|p| p.into_inner());
+        guard.as_ref().map(|b| b.size_hint()).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, StreamBody};
+
+    struct DropFlag(Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for DropFlag {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unread_body_is_dropped_after_the_timeout_and_a_read_one_is_not() {
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = DropFlag(dropped.clone());
+        let frames = futures_util::stream::iter(
+            (0..3).map(|_| Ok::<_, BodyError>(Frame::data(Bytes::from_static(b"x")))),
+        );
+        let body = StreamBody::new(frames).map_frame(move |f| {
+            let _ = &flag;
+            f
+        });
+        let mut body = Box::pin(Cuttable::new(body, Duration::from_secs(5)));
+        // Read for a while, a frame every 4 s: never cut.
+        for _ in 0..2 {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            body.as_mut().frame().await.unwrap().unwrap();
+        }
+        assert!(!dropped.load(Ordering::SeqCst));
+        // Then nothing is read: the inner body (what it holds upstream) goes at 5 s.
+        tokio::time::sleep(Duration::from_millis(4900)).await;
+        assert!(!dropped.load(Ordering::SeqCst));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(dropped.load(Ordering::SeqCst));
+        // What hyper reads next is an error, so the stream is reset.
+        let e = body.as_mut().frame().await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("read nothing"), "{e}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_blocked_write_fails_after_the_timeout() {
+        // A duplex pipe whose reader never reads: writes block once its buffer is full.
+        let (a, _b) = tokio::io::duplex(16);
+        let mut w = WriteStall::new(a, Duration::from_secs(5), StallSwitch::default());
+        use tokio::io::AsyncWriteExt;
+        w.write_all(&[0u8; 16]).await.unwrap();
+        let started = Instant::now();
+        let e = w.write_all(&[0u8; 1]).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+
+        // Turned off (a WebSocket), a blocked write just waits.
+        let (a, _b) = tokio::io::duplex(16);
+        let switch = StallSwitch::default();
+        let mut w = WriteStall::new(a, Duration::from_secs(5), switch.clone());
+        w.write_all(&[0u8; 16]).await.unwrap();
+        switch.turn_off();
+        let blocked = tokio::time::timeout(Duration::from_secs(60), w.write_all(&[0u8; 1])).await;
+        assert!(blocked.is_err(), "the write failed or went through");
+    }
+}
