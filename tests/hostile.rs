@@ -193,6 +193,30 @@ const TUNNEL_CASES: &[Case] = &[
         "/v1/%2",
     ),
     case(
+        "overlong UTF-8 dots",
+        "GET /v1/%c0%ae%c0%ae/admin HTTP/1.1\r\nHost: {h}\r\n\r\n",
+        Refused(400, "bad_request"),
+        "admin",
+    ),
+    case(
+        "escape that is not UTF-8",
+        "GET /v1/caf%e9 HTTP/1.1\r\nHost: {h}\r\n\r\n",
+        Refused(400, "bad_request"),
+        "caf",
+    ),
+    case(
+        "UTF-8 split across segments",
+        "GET /v1/%c3/%a9 HTTP/1.1\r\nHost: {h}\r\n\r\n",
+        Refused(400, "bad_request"),
+        "%a9",
+    ),
+    case(
+        "UTF-8 escapes pass",
+        "GET /v1/caf%C3%A9 HTTP/1.1\r\nHost: {h}\r\n\r\n",
+        Status(200),
+        "",
+    ),
+    case(
         "double-encoded dot is not a dot",
         "GET /v1/%252e%252e/x HTTP/1.1\r\nHost: {h}\r\n\r\n",
         Status(200),
@@ -640,6 +664,7 @@ async fn hostile_table() {
     }
     // What was matched is forwarded byte for byte.
     assert!(up.saw_path("/v1/%252e%252e/x"));
+    assert!(up.saw_path("/v1/caf%C3%A9"));
     assert!(up.saw_path("/v1/a;b"));
 
     // ---- CONNECT targets and destinations ----
