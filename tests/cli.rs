@@ -261,6 +261,48 @@ fn ca_export_writes_certificate_and_bundle() {
     );
 }
 
+/// The export directory is a volume the agent can write to: links it planted at any name
+/// the proxy writes (the final names, the temporary names of older builds) are never
+/// followed, so the victim they point at keeps its content and mode.
+#[test]
+fn ca_export_never_follows_a_planted_symlink() {
+    let dir = tempfile::tempdir().unwrap();
+    let export = dir.path().join("export");
+    std::fs::create_dir(&export).unwrap();
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "the victim's own content").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+    for name in [
+        "ca-cert.pem",
+        "ca-bundle.pem",
+        "ca-cert.pem.tmp",
+        "ca-bundle.pem.tmp",
+    ] {
+        std::os::unix::fs::symlink(&victim, export.join(name)).unwrap();
+    }
+    let proxy = ProxyBuilder::new("routes:\n  - host: a.test\n")
+        .arg("--ca-export")
+        .arg(export.to_str().unwrap())
+        .start();
+    let victim_now = std::fs::read_to_string(&victim).unwrap();
+    assert!(
+        victim_now == "the victim's own content",
+        "the victim was written through a link: now {} bytes",
+        victim_now.len()
+    );
+    let victim_mode = std::fs::metadata(&victim).unwrap().permissions().mode() & 0o777;
+    assert_eq!(victim_mode, 0o600, "the victim was chmodded");
+    for name in ["ca-cert.pem", "ca-bundle.pem"] {
+        let meta = std::fs::symlink_metadata(export.join(name)).unwrap();
+        assert!(meta.file_type().is_file(), "{name} is not a regular file");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o644, "{name}");
+    }
+    let cert = std::fs::read_to_string(export.join("ca-cert.pem")).unwrap();
+    let bundle = std::fs::read_to_string(export.join("ca-bundle.pem")).unwrap();
+    assert_eq!(cert, proxy.ca_pem);
+    assert!(bundle.starts_with(&cert) && bundle.len() > cert.len());
+}
+
 #[test]
 fn flags_beat_variables() {
     let routes = "routes:\n  - host: a.test\n";
