@@ -187,11 +187,3 @@ async fn refuse_proxy_loop(
         None => Ok(()),
     }
 }
-
-/// `http://user:pass@host` → `http://***@host`, for messages.
-pub fn redact_userinfo(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
-        _ => url.to_owned(),
-    }
-}

@@ -290,21 +290,36 @@ fn check_ca_certificate(der: &CertificateDer<'_>) -> Result<(), String> {
 }
 
 /// Writes a non-secret file with mode 0644 through a temporary file and a rename.
+///
+/// The directory may be a volume the agent can write to (`--ca-export`), so no name in it
+/// is trusted: the temporary file gets a fresh random name and is opened only if it does
+/// not exist yet and is not a symlink (`O_CREAT|O_EXCL|O_NOFOLLOW`), so a link planted
+/// there is never written through; the rename then replaces whatever is at `path`, a
+/// symlink included, rather than following it.
 fn write_public_file(path: &Path, content: &[u8]) -> Result<(), CaError> {
-    let tmp = path.with_extension("pem.tmp");
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| file_err(path, "not a file name"))?;
+    let suffix = random_bytes::<8>()
+        .map_err(|_| file_err(path, "no system randomness for a temporary name"))?;
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", hex(&suffix)));
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .mode(0o644)
+        .open(&tmp)
+        .map_err(|e| file_err(&tmp, e))?;
     let result = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o644)
-            .open(&tmp)?;
         f.write_all(content)?;
+        // The umask may have narrowed the mode at creation; the agent must read the file.
         f.set_permissions(fs::Permissions::from_mode(0o644))?;
         f.sync_all()?;
         fs::rename(&tmp, path)
     })();
     result.map_err(|e| {
+        // Ours (created just above), so removing it cannot touch anything else.
         let _ = fs::remove_file(&tmp);
         file_err(path, e)
     })
@@ -637,6 +652,43 @@ mod tests {
         assert!(!client.is_handshaking(), "handshake did not complete");
         let suite = server.negotiated_cipher_suite().unwrap().suite();
         assert_eq!(suite, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    }
+
+    #[test]
+    fn export_never_writes_through_a_planted_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, _) = BottleCa::load_or_mint(&dir.path().join("ca")).unwrap();
+        let export = dir.path().join("export");
+        fs::create_dir(&export).unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "victim").unwrap();
+        for name in [
+            "ca-cert.pem",
+            "ca-bundle.pem",
+            "ca-cert.pem.tmp",
+            "ca-bundle.pem.tmp",
+        ] {
+            std::os::unix::fs::symlink(&victim, export.join(name)).unwrap();
+        }
+        ca.export(&export).unwrap();
+        ca.export(&export).unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "victim");
+        for name in [CA_CERT_FILE, CA_BUNDLE_FILE] {
+            let meta = fs::symlink_metadata(export.join(name)).unwrap();
+            assert!(meta.file_type().is_file(), "{name}");
+            assert_eq!(meta.permissions().mode() & 0o777, 0o644, "{name}");
+        }
+        assert_eq!(
+            fs::read_to_string(export.join(CA_CERT_FILE)).unwrap(),
+            ca.cert_pem()
+        );
+        // Nothing of ours is left behind but the two files (and the planted links).
+        let left: Vec<_> = fs::read_dir(&export)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".tmp") && !n.starts_with("ca-"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     #[test]

@@ -56,7 +56,9 @@ impl ProxyUrl {
     /// scheme's default. Anything else (another scheme, a path, a bad host) is refused.
     pub fn parse(input: &str) -> Result<ProxyUrl, String> {
         let input = input.trim();
-        let (tls, rest) = match input.split_once("://") {
+        // Only a well-formed scheme is one: in `user:pa://ss@host` the `://` is inside the
+        // password, which must not be named in the error.
+        let (tls, rest) = match input.split_once("://").filter(|(s, _)| is_scheme(s)) {
             Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => (false, rest),
             Some((scheme, rest)) if scheme.eq_ignore_ascii_case("https") => (true, rest),
             Some((scheme, _)) => {
@@ -96,6 +98,28 @@ impl ProxyUrl {
             authorization,
         })
     }
+}
+
+/// A URL scheme as RFC 3986 spells one: a letter, then letters, digits, `+`, `-`, `.`.
+fn is_scheme(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+}
+
+/// A proxy URL as the operator wrote it, for a message about it: `http://user:pass@host`
+/// → `http://***@host`, whatever the URL's shape. Everything before the last `@` may be
+/// credentials (a password may hold `@`, `/` or `://`; the scheme may be missing or
+/// wrong), so all of it goes but a well-formed scheme.
+pub fn redact_userinfo(url: &str) -> String {
+    let Some(at) = url.rfind('@') else {
+        return url.to_owned();
+    };
+    let kept = url[..at]
+        .find("://")
+        .filter(|&end| is_scheme(url[..end].trim_start()))
+        .map_or(0, |end| end + 3);
+    format!("{}***{}", &url[..kept], &url[at..])
 }
 
 fn percent_decode(s: &str) -> Result<String, String> {
@@ -261,6 +285,50 @@ mod tests {
         }
     }
 
+    /// What start-up prints about a proxy URL it refuses.
+    fn refusal(input: &str) -> String {
+        let why = ProxyUrl::parse(input).err().unwrap_or_default();
+        format!("{:?}: {why}", redact_userinfo(input))
+    }
+
+    #[test]
+    fn no_shape_of_url_prints_its_password() {
+        for url in [
+            "user:Secret@proxy.corp:3128/x",
+            "http://user:Secret@proxy.corp:3128/x",
+            "ftp://user:Secret@proxy.corp:3128",
+            "http://user:Secret@proxy.corp:99999",
+            "http://user:Secret@proxy.corp:port",
+            "user:Sec://ret@proxy.corp:3128",
+            "user:Sec/ret@proxy.corp:3128",
+            "http://user:Sec@ret@proxy.corp:3128/x",
+            "user:Secret@proxy.corp:3128/x@y",
+            " user:Secret@[::1:3128",
+            "Secret@proxy.corp:3128/x",
+            "http://user:Sec%72et@proxy.corp:3128/x",
+        ] {
+            let shown = refusal(url);
+            assert!(ProxyUrl::parse(url).is_err(), "{url}");
+            for secret in ["Secret", "Sec", "ret", "Sec%72et"] {
+                assert!(!shown.contains(secret), "{url} → {shown}");
+            }
+        }
+        assert_eq!(
+            redact_userinfo("http://user:Secret@proxy.corp:3128/x"),
+            "http://***@proxy.corp:3128/x"
+        );
+        assert_eq!(
+            redact_userinfo("user:Secret@proxy.corp:3128/x"),
+            "***@proxy.corp:3128/x"
+        );
+        assert_eq!(
+            redact_userinfo("user:pa://Secret@proxy.corp"),
+            "***@proxy.corp"
+        );
+        assert_eq!(redact_userinfo("proxy.corp:3128/x"), "proxy.corp:3128/x");
+        assert!(refusal("user:pa://ss@proxy.corp").contains("no path"));
+    }
+
     #[test]
     fn no_proxy_table() {
         let np = NoProxy::parse(" example.com, .internal.test ,10.0.0.0/8, 192.168.1.5, api.test:8443, [::1], *.wild.test").unwrap();
@@ -306,6 +374,21 @@ mod props {
         fn parsing_never_panics(s in "\\PC*") {
             let _ = NoProxy::parse(&s);
             let _ = ProxyUrl::parse(&s);
+        }
+
+        #[test]
+        fn a_refused_urls_password_is_never_shown(
+            scheme in prop_oneof![Just(""), Just("http://"), Just("ftp://"), Just("1x://")],
+            password in "[A-Za-z0-9:/@%?#.;-]{0,10}",
+            tail in prop_oneof![Just(""), Just("/x"), Just(":99999"), Just(":port"), Just("/@y")],
+        ) {
+            let password = format!("Pw{password}Zq");
+            let url = format!("{scheme}user:{password}@proxy.corp{tail}");
+            if ProxyUrl::parse(&url).is_err() {
+                let why = ProxyUrl::parse(&url).err().unwrap_or_default();
+                let shown = format!("{:?}: {why}", redact_userinfo(&url));
+                prop_assert!(!shown.contains("Pw") && !shown.contains("Zq"), "{url} → {shown}");
+            }
         }
 
         #[test]

@@ -194,7 +194,7 @@ impl Config {
         .find_map(|(source, v)| v.map(|v| (source, v)))
         .map(|(source, v)| {
             ProxyUrl::parse(&v)
-                .map_err(|e| format!("{source} {:?}: {e}", crate::app::redact_userinfo(&v)))
+                .map_err(|e| format!("{source} {:?}: {e}", crate::chain::redact_userinfo(&v)))
         })
         .transpose()?;
         let no_proxy = args

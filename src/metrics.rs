@@ -3,12 +3,95 @@
 //! Labels carry only fixed vocabulary (decision, error code, result, direction): never a
 //! host, path or header value, so a metric can neither leak a secret nor grow without
 //! bound when an agent sprays names.
+//!
+//! That vocabulary is written down once, below, and every series of it is exported from
+//! the start at 0: an alert such as `increase(egress_proxy_reloads_total{result="error"}[5m])
+//! > 0` has a series to evaluate before the first failed reload.
 
+use crate::error::ErrorKind::{self, *};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+
+/// The reason a decision is counted under: `ok`, an error code of SPEC §4, or a name of
+/// its own for what is not an error answer.
+#[derive(Clone, Copy)]
+enum Reason {
+    Ok,
+    Code(ErrorKind),
+    Named(&'static str),
+}
+
+impl Reason {
+    fn label(self) -> &'static str {
+        match self {
+            Reason::Ok => "ok",
+            Reason::Code(kind) => kind.code(),
+            Reason::Named(name) => name,
+        }
+    }
+}
+
+/// An allowed CONNECT whose TLS handshake with the agent then failed.
+pub const TLS_HANDSHAKE_FAILED: &str = "tls_handshake_failed";
+
+/// Every (decision, reason) a request can be counted under (SPEC §4 steps 2-4). A feature
+/// that adds a decision or a refusal (`rate_limited`, `body_too_large`, report mode) adds
+/// its line here.
+const REQUEST_SERIES: &[(&str, Reason)] = &[
+    ("allow", Reason::Ok),
+    ("deny", Reason::Code(HostNotAllowed)),
+    ("deny", Reason::Code(PathNotAllowed)),
+    ("deny", Reason::Code(MethodNotAllowed)),
+    ("deny", Reason::Code(DestinationNotAllowed)),
+    ("deny", Reason::Code(CleartextCredentials)),
+    ("deny", Reason::Code(Misdirected)),
+    ("deny", Reason::Code(BadRequest)),
+    ("deny", Reason::Code(HeadersTooLarge)),
+    // Failures on the way out, each also counted as an upstream error of its RFC 9209 kind:
+    // a DNS answer refused, a request the upstream side cannot carry, and the upstream's own.
+    ("error", Reason::Code(DestinationNotAllowed)),
+    ("error", Reason::Code(BadRequest)),
+    ("error", Reason::Code(UpstreamDns)),
+    ("error", Reason::Code(UpstreamRefused)),
+    ("error", Reason::Code(UpstreamUnavailable)),
+    ("error", Reason::Code(UpstreamTlsCertificate)),
+    ("error", Reason::Code(UpstreamTlsProtocol)),
+    (
+        "error",
+        Reason::Code(UpstreamProxyRefused { received: None }),
+    ),
+    ("error", Reason::Code(UpstreamConnectTimeout)),
+    ("error", Reason::Code(UpstreamResponseTimeout)),
+    ("error", Reason::Code(UpstreamBadResponse)),
+    ("error", Reason::Code(UpstreamResponseHeadTooLarge)),
+];
+
+/// Every (decision, reason) a CONNECT can be counted under (SPEC §4 step 1).
+const CONNECT_SERIES: &[(&str, Reason)] = &[
+    ("allow", Reason::Ok),
+    ("allow", Reason::Named(TLS_HANDSHAKE_FAILED)),
+    ("deny", Reason::Code(HostNotAllowed)),
+    ("deny", Reason::Code(DestinationNotAllowed)),
+    ("deny", Reason::Code(BadRequest)),
+    ("deny", Reason::Code(Misdirected)),
+    ("deny", Reason::Code(TooManyConnections)),
+];
+
+/// The results of a routes reload.
+const RELOAD_RESULTS: [&str; 2] = ["ok", "error"];
+
+/// The upstream error kinds: the RFC 9209 types of the failures a request can end in.
+fn upstream_error_kinds() -> impl Iterator<Item = &'static str> {
+    REQUEST_SERIES
+        .iter()
+        .filter_map(|(decision, reason)| match reason {
+            Reason::Code(kind) if *decision == "error" => Some(kind.proxy_status_error()),
+            _ => None,
+        })
+}
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
@@ -72,15 +155,33 @@ impl Metrics {
         let bytes_down = bytes
             .get_or_create(&DirectionLabels { direction: "down" })
             .clone();
+        let connects: Family<DecisionLabels, Counter> = Family::default();
+        let reloads: Family<ResultLabels, Counter> = Family::default();
+        let upstream_errors: Family<KindLabels, Counter> = Family::default();
+        // Every series of the vocabulary exists, at 0, before its first event.
+        for (family, series) in [(&requests, REQUEST_SERIES), (&connects, CONNECT_SERIES)] {
+            for &(decision, reason) in series {
+                let _ = family.get_or_create(&DecisionLabels {
+                    decision,
+                    reason: reason.label(),
+                });
+            }
+        }
+        for result in RELOAD_RESULTS {
+            let _ = reloads.get_or_create(&ResultLabels { result });
+        }
+        for kind in upstream_error_kinds() {
+            let _ = upstream_errors.get_or_create(&KindLabels { kind });
+        }
         let m = Metrics {
             requests_allowed,
             bytes_up,
             bytes_down,
             requests,
             bytes,
-            connects: Family::default(),
-            reloads: Family::default(),
-            upstream_errors: Family::default(),
+            connects,
+            reloads,
+            upstream_errors,
             open_connections: Gauge::default(),
             open_tunnels: Gauge::default(),
             registry: Registry::default(),
@@ -138,7 +239,8 @@ impl Metrics {
     }
 
     pub fn count_reload(&self, ok: bool) {
-        let result = if ok { "ok" } else { "error" };
+        let [ok_result, error_result] = RELOAD_RESULTS;
+        let result = if ok { ok_result } else { error_result };
         self.reloads.get_or_create(&ResultLabels { result }).inc();
     }
 
@@ -166,6 +268,47 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_series_of_the_vocabulary_is_there_at_zero() {
+        let text = Metrics::new(Counter::default(), Counter::default()).render();
+        for line in [
+            r#"egress_proxy_reloads_total{result="ok"} 0"#,
+            r#"egress_proxy_reloads_total{result="error"} 0"#,
+            r#"egress_proxy_requests_total{decision="allow",reason="ok"} 0"#,
+            r#"egress_proxy_requests_total{decision="deny",reason="path_not_allowed"} 0"#,
+            r#"egress_proxy_requests_total{decision="error",reason="upstream_timeout"} 0"#,
+            r#"egress_proxy_connects_total{decision="deny",reason="host_not_allowed"} 0"#,
+            r#"egress_proxy_connects_total{decision="allow",reason="tls_handshake_failed"} 0"#,
+            r#"egress_proxy_upstream_errors_total{kind="dns_error"} 0"#,
+            r#"egress_proxy_upstream_errors_total{kind="http_response_timeout"} 0"#,
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
+        // Each upstream-side error kind has its series, and each code its request series.
+        for &(_, reason) in REQUEST_SERIES {
+            let label = format!("reason=\"{}\"", reason.label());
+            assert!(text.contains(&label), "{label}");
+        }
+        for kind in [
+            UpstreamDns,
+            UpstreamRefused,
+            UpstreamUnavailable,
+            UpstreamTlsCertificate,
+            UpstreamTlsProtocol,
+            UpstreamConnectTimeout,
+            UpstreamResponseTimeout,
+            UpstreamBadResponse,
+            UpstreamResponseHeadTooLarge,
+        ] {
+            let series = format!(
+                "egress_proxy_upstream_errors_total{{kind=\"{}\"}} 0",
+                kind.proxy_status_error()
+            );
+            assert!(text.contains(&series), "{series}");
+            assert!(kind.is_upstream());
+        }
+    }
 
     #[test]
     fn renders_counters_with_fixed_labels() {

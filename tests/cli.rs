@@ -115,6 +115,90 @@ fn start_up_fails_before_listening_and_never_prints_a_token() {
     assert!(err.contains("/nonexistent/ca.pem"), "{err}");
 }
 
+/// Runs the proxy with `args` and `env`, expecting it to refuse to start: its exit code
+/// and stderr. One that starts after all is killed and reported.
+fn refused_at_start(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let routes = write_file(dir.path(), "routes.yaml", "routes:\n  - host: a.test\n");
+    let mut child = Command::new(BIN)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--routes",
+        ])
+        .arg(&routes)
+        .arg("--ca-dir")
+        .arg(dir.path().join("ca"))
+        .args(args)
+        .env_remove("HTTPS_PROXY")
+        .env_remove("https_proxy")
+        .env_remove("EGRESS_PROXY_UPSTREAM_PROXY")
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{args:?} {env:?}: the proxy started instead of refusing");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    (status.code().unwrap_or(-1), err)
+}
+
+#[test]
+fn no_shape_of_upstream_proxy_url_prints_its_password() {
+    let shapes = [
+        "user:S3cretPw@proxy.corp:3128/x",
+        "ftp://user:S3cretPw@proxy.corp:3128",
+        "http://user:S3cretPw@proxy.corp:99999",
+        "http://user:S3c%72etPw@proxy.corp:3128/x",
+        "http://user:S3cr@tPw@proxy.corp:3128/x",
+        "user:S3c://retPw@proxy.corp:3128",
+        "user:S3c/retPw@proxy.corp:3128",
+    ];
+    let secrets = ["S3c", "retPw", "tPw"];
+    for url in shapes {
+        for (flag, var) in [
+            (Some("--upstream-proxy"), None),
+            (None, Some("HTTPS_PROXY")),
+            (None, Some("https_proxy")),
+            (None, Some("EGRESS_PROXY_UPSTREAM_PROXY")),
+        ] {
+            let args: Vec<&str> = flag
+                .into_iter()
+                .chain([url].into_iter().filter(|_| flag.is_some()))
+                .collect();
+            let env: Vec<(&str, &str)> = var.map(|v| (v, url)).into_iter().collect();
+            let (code, err) = refused_at_start(&args, &env);
+            let from = flag.or(var).unwrap();
+            assert_ne!(code, 0, "{from}={url} started: {err}");
+            assert!(
+                err.contains("proxy.corp"),
+                "{from}={url}: the URL is named: {err}"
+            );
+            for secret in secrets {
+                assert!(
+                    !err.contains(secret),
+                    "{from}={url} printed {secret:?}: {err}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn ca_init_show_and_reuse() {
     let dir = tempfile::tempdir().unwrap();
@@ -175,6 +259,48 @@ fn ca_export_writes_certificate_and_bundle() {
         bundle.matches("BEGIN CERTIFICATE").count() > 100,
         "public roots follow the bottle CA"
     );
+}
+
+/// The export directory is a volume the agent can write to: links it planted at any name
+/// the proxy writes (the final names, the temporary names of older builds) are never
+/// followed, so the victim they point at keeps its content and mode.
+#[test]
+fn ca_export_never_follows_a_planted_symlink() {
+    let dir = tempfile::tempdir().unwrap();
+    let export = dir.path().join("export");
+    std::fs::create_dir(&export).unwrap();
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "the victim's own content").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+    for name in [
+        "ca-cert.pem",
+        "ca-bundle.pem",
+        "ca-cert.pem.tmp",
+        "ca-bundle.pem.tmp",
+    ] {
+        std::os::unix::fs::symlink(&victim, export.join(name)).unwrap();
+    }
+    let proxy = ProxyBuilder::new("routes:\n  - host: a.test\n")
+        .arg("--ca-export")
+        .arg(export.to_str().unwrap())
+        .start();
+    let victim_now = std::fs::read_to_string(&victim).unwrap();
+    assert!(
+        victim_now == "the victim's own content",
+        "the victim was written through a link: now {} bytes",
+        victim_now.len()
+    );
+    let victim_mode = std::fs::metadata(&victim).unwrap().permissions().mode() & 0o777;
+    assert_eq!(victim_mode, 0o600, "the victim was chmodded");
+    for name in ["ca-cert.pem", "ca-bundle.pem"] {
+        let meta = std::fs::symlink_metadata(export.join(name)).unwrap();
+        assert!(meta.file_type().is_file(), "{name} is not a regular file");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o644, "{name}");
+    }
+    let cert = std::fs::read_to_string(export.join("ca-cert.pem")).unwrap();
+    let bundle = std::fs::read_to_string(export.join("ca-bundle.pem")).unwrap();
+    assert_eq!(cert, proxy.ca_pem);
+    assert!(bundle.starts_with(&cert) && bundle.len() > cert.len());
 }
 
 #[test]

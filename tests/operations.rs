@@ -545,6 +545,82 @@ async fn sigterm_lets_streams_in_flight_finish_then_exits_zero() {
     assert_eq!(code, Some(0), "logs: {}", proxy.logs());
 }
 
+/// Alerts on a counter need its series before the first event: a fresh proxy exports
+/// every series of the fixed vocabulary (SPEC §6) at 0.
+#[tokio::test]
+async fn a_fresh_proxy_exports_every_series_of_the_vocabulary_at_zero() {
+    let proxy = ProxyBuilder::new(&routes(443, &["/v1"], false))
+        .env("OPS_TOKEN", TOKEN)
+        .start();
+    let (status, text) = admin_get(&proxy, "/metrics").await;
+    assert_eq!(status, 200);
+    let requests = |decision: &str, reason: &str| {
+        format!("egress_proxy_requests_total{{decision=\"{decision}\",reason=\"{reason}\"}} 0")
+    };
+    let connects = |decision: &str, reason: &str| {
+        format!("egress_proxy_connects_total{{decision=\"{decision}\",reason=\"{reason}\"}} 0")
+    };
+    let mut want = vec![
+        r#"egress_proxy_reloads_total{result="ok"} 0"#.to_string(),
+        r#"egress_proxy_reloads_total{result="error"} 0"#.to_string(),
+        requests("allow", "ok"),
+        connects("allow", "ok"),
+        connects("allow", "tls_handshake_failed"),
+    ];
+    for reason in [
+        "host_not_allowed",
+        "path_not_allowed",
+        "method_not_allowed",
+        "destination_not_allowed",
+        "cleartext_credentials",
+        "misdirected",
+        "bad_request",
+        "headers_too_large",
+    ] {
+        want.push(requests("deny", reason));
+    }
+    for reason in [
+        "destination_not_allowed",
+        "upstream_unreachable",
+        "upstream_tls",
+        "upstream_proxy_refused",
+        "upstream_timeout",
+        "upstream_bad_response",
+    ] {
+        want.push(requests("error", reason));
+    }
+    for reason in [
+        "host_not_allowed",
+        "destination_not_allowed",
+        "bad_request",
+        "misdirected",
+        "too_many_connections",
+    ] {
+        want.push(connects("deny", reason));
+    }
+    for kind in [
+        "dns_error",
+        "connection_refused",
+        "destination_unavailable",
+        "tls_certificate_error",
+        "tls_protocol_error",
+        "connection_timeout",
+        "http_response_timeout",
+        "http_protocol_error",
+        "http_response_header_section_size",
+        "destination_ip_prohibited",
+    ] {
+        want.push(format!(
+            "egress_proxy_upstream_errors_total{{kind=\"{kind}\"}} 0"
+        ));
+    }
+    let missing: Vec<&String> = want
+        .iter()
+        .filter(|line| !text.lines().any(|l| l == line.as_str()))
+        .collect();
+    assert!(missing.is_empty(), "missing {missing:#?} in:\n{text}");
+}
+
 #[tokio::test]
 async fn admin_endpoints_metrics_move_and_nothing_leaks() {
     let ca = TestCa::new("ca");

@@ -28,6 +28,7 @@ use super::observe::{IoObserver, Observed};
 use super::{ClientConn, drive_connection, forward};
 use crate::ca::CaError;
 use crate::error::ProxyBody;
+use crate::metrics::TLS_HANDSHAKE_FAILED;
 use crate::policy::Authority;
 use crate::routes::Host;
 
@@ -95,7 +96,7 @@ pub async fn run(upgraded: Upgraded, authority: Authority, conn: ClientConn, sta
     match &outcome {
         None => metrics.count_connect("allow", "ok"),
         Some(TlsFailure::Misdirected(_)) => metrics.count_connect("deny", "misdirected"),
-        Some(TlsFailure::Handshake(_)) => metrics.count_connect("allow", "tls_handshake_failed"),
+        Some(TlsFailure::Handshake(_)) => metrics.count_connect("allow", TLS_HANDSHAKE_FAILED),
     }
     let (up, down) = (
         counters.read.load(Ordering::Relaxed),
@@ -118,7 +119,7 @@ pub async fn run(upgraded: Upgraded, authority: Authority, conn: ClientConn, sta
         Some(TlsFailure::Handshake(why)) => tracing::info!(
             target: "egress_proxy::audit",
             event = "connect", conn = conn.id, client = %conn.client, host, port = authority.port,
-            decision = "allow", reason = "tls_handshake_failed", detail = %why, status = 200u16,
+            decision = "allow", reason = TLS_HANDSHAKE_FAILED, detail = %why, status = 200u16,
             bytes_up = up, bytes_down = down, duration_ms = ms,
         ),
     }

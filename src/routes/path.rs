@@ -4,7 +4,7 @@
 //! The rule is "canonical or refused": we never rewrite a path, so the bytes we matched
 //! are the bytes the upstream gets. A path that some server would normalise (`..`, `//`,
 //! `%2e%2e`, `..;`) is refused with 400 instead. Percent-escapes are decoded at most once
-//! and only to look for dots and control bytes; an encoded slash (`%2F`) stays an ordinary
+//! and only to look for dots, control bytes and bytes that are not UTF-8; an encoded slash (`%2F`) stays an ordinary
 //! character inside its segment, as npm (`/@scope%2fname`) and GitLab
 //! (`/projects/group%2Frepo`) need.
 //!
@@ -29,6 +29,8 @@ pub enum PathError {
     BadEscape,
     #[error("path has a raw non-ASCII byte (percent-encode it)")]
     NonAscii,
+    #[error("path has percent-escapes that do not decode to UTF-8")]
+    NotUtf8,
 }
 
 /// Checks that `path` (without its query) is unambiguous: see the module docs.
@@ -38,6 +40,7 @@ pub fn check_request_path(path: &str) -> Result<(), PathError> {
         return Err(PathError::NotAbsolute);
     }
     // Raw bytes and escapes first, so the segment walk below may assume well-formed escapes.
+    let mut utf8 = Utf8Check::default();
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
@@ -51,13 +54,15 @@ pub fn check_request_path(path: &str) -> Result<(), PathError> {
                 if decoded < 0x20 || decoded == 0x7f {
                     return Err(PathError::ControlCharacter);
                 }
+                utf8.push(decoded)?;
                 i += 3;
                 continue;
             }
-            _ => {}
+            b => utf8.push(b)?,
         }
         i += 1;
     }
+    utf8.finish()?;
     let body = &path[1..];
     let segment_count = body.split('/').count();
     for (n, segment) in body.split('/').enumerate() {
@@ -72,6 +77,53 @@ pub fn check_request_path(path: &str) -> Result<(), PathError> {
         }
     }
     Ok(())
+}
+
+/// Checks that the path, escapes decoded once, is UTF-8, without decoding it anywhere:
+/// an escape that is not (an overlong `%c0%ae`, a lone `%e9`, a surrogate) means
+/// different bytes to different servers (some read `%c0%ae` as `.`), so it is refused.
+///
+/// Decoding each segment, and each piece between encoded slashes, on its own gives the
+/// same answer as decoding the whole path: raw bytes are ASCII by now, and every
+/// separator (`/`, `%2F`, `%5C`) is ASCII too, so it ends any multi-byte sequence that
+/// it splits (`/%c3/%a9` is refused, as neither `%c3` nor `%a9` is UTF-8 alone).
+#[derive(Default)]
+struct Utf8Check {
+    /// The bytes of the sequence being read, and how many it needs in all.
+    pending: [u8; 4],
+    have: usize,
+    need: usize,
+}
+
+impl Utf8Check {
+    fn push(&mut self, byte: u8) -> Result<(), PathError> {
+        if self.have == 0 {
+            self.need = match byte {
+                0x00..=0x7f => return Ok(()),
+                0xc0..=0xdf => 2,
+                0xe0..=0xef => 3,
+                0xf0..=0xf7 => 4,
+                // A continuation byte with no lead, or a lead no UTF-8 has.
+                _ => return Err(PathError::NotUtf8),
+            };
+        }
+        self.pending[self.have] = byte;
+        self.have += 1;
+        if self.have == self.need {
+            // std rejects overlong forms, surrogates and code points past U+10FFFF.
+            std::str::from_utf8(&self.pending[..self.need]).map_err(|_| PathError::NotUtf8)?;
+            self.have = 0;
+        }
+        Ok(())
+    }
+
+    /// A sequence cut short by the end of the path is not UTF-8 either.
+    fn finish(&self) -> Result<(), PathError> {
+        match self.have {
+            0 => Ok(()),
+            _ => Err(PathError::NotUtf8),
+        }
+    }
 }
 
 /// The byte a well-formed `%XY` at `at` stands for.
@@ -370,6 +422,13 @@ mod tests {
             "/a/b.c",
             "/.x",
             "/a%2F%2Fb",
+            // Escapes that decode to UTF-8 pass, in any case of hex digit.
+            "/caf%C3%A9",
+            "/caf%c3%a9",
+            "/%E2%82%AC/%F0%9F%98%80",
+            "/%C3%A9%2F%C3%A9",
+            "/%EF%BF%BF",
+            "/%F4%8F%BF%BF",
         ] {
             assert_eq!(check_request_path(ok), Ok(()), "{ok:?}");
         }
@@ -416,6 +475,29 @@ mod tests {
             ("/a%%32e", BadEscape),
             ("/caf\u{e9}", NonAscii),
             ("/a\u{85}b", NonAscii),
+            // Overlong forms: `%c0%ae` is a dot to some servers.
+            ("/v1/%c0%ae%c0%ae/admin", NotUtf8),
+            ("/%C0%AE", NotUtf8),
+            ("/%e0%80%ae", NotUtf8),
+            ("/%f0%80%80%ae", NotUtf8),
+            ("/%c1%bf", NotUtf8),
+            // Lone, stray and impossible bytes.
+            ("/caf%e9", NotUtf8),
+            ("/%a9", NotUtf8),
+            ("/%ff", NotUtf8),
+            ("/%f8%88%80%80%80", NotUtf8),
+            // Surrogates and past U+10FFFF.
+            ("/%ed%a0%80", NotUtf8),
+            ("/%f4%90%80%80", NotUtf8),
+            // A sequence cut by the end, by a raw byte, or split across segments or
+            // across pieces between encoded slashes: each part is decoded on its own.
+            ("/%c3", NotUtf8),
+            ("/%e2%82", NotUtf8),
+            ("/%c3a%a9", NotUtf8),
+            ("/%c3/%a9", NotUtf8),
+            ("/%c3%2f%a9", NotUtf8),
+            ("/%e2%82%5c%ac", NotUtf8),
+            ("/%c3;%a9", NotUtf8),
         ] {
             assert_eq!(check_request_path(bad), Err(why), "{bad:?}");
         }
@@ -524,6 +606,41 @@ mod props {
         .prop_map(|parts| parts.concat())
     }
 
+    /// Paths of escapes of any byte, with some slashes and ASCII between them.
+    fn escapes() -> impl Strategy<Value = String> {
+        proptest::collection::vec(
+            prop_oneof![
+                any::<u8>().prop_map(|b| format!("%{b:02x}")),
+                (0xc2u8..0xf5).prop_map(|b| format!("%{b:02X}")),
+                (0x80u8..0xc0).prop_map(|b| format!("%{b:02x}")),
+                Just("/".to_string()),
+                "[a-z]{1,2}",
+            ],
+            0..12,
+        )
+        .prop_map(|parts| format!("/x{}", parts.concat()))
+    }
+
+    /// The path with every escape decoded once.
+    fn decode_once(path: &str) -> Vec<u8> {
+        let bytes = path.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            match decode_escape(bytes, i).filter(|_| bytes[i] == b'%') {
+                Some(b) => {
+                    out.push(b);
+                    i += 3;
+                }
+                None => {
+                    out.push(bytes[i]);
+                    i += 1;
+                }
+            }
+        }
+        out
+    }
+
     fn valid_segment() -> impl Strategy<Value = String> {
         "[a-zA-Z0-9_~-]{1,8}(%2[fF][a-z]{1,3})?"
     }
@@ -546,6 +663,16 @@ mod props {
                     }
                 }
                 prop_assert!(!s.contains('\\'));
+            }
+        }
+
+        #[test]
+        fn accepted_iff_escapes_decode_to_utf8(s in escapes()) {
+            let decoded_is_utf8 = std::str::from_utf8(&decode_once(&s)).is_ok();
+            match check_request_path(&s) {
+                Ok(()) => prop_assert!(decoded_is_utf8),
+                Err(PathError::NotUtf8) => prop_assert!(!decoded_is_utf8),
+                Err(_) => {}
             }
         }
 
