@@ -237,6 +237,10 @@ async fn an_http2_agent_with_closed_windows_holds_nothing_upstream_past_the_time
     }
 }
 
+fn body_of(b: Bytes) -> ClientBody {
+    http_body_util::Full::new(b).map_err(|e| match e {}).boxed()
+}
+
 /// A chunked upload, 1 KiB every 300 ms for about 4 s, with `--response-timeout 2`.
 fn slow_upload() -> ClientBody {
     let chunks = futures_util::stream::unfold(0u64, |i| async move {
@@ -280,6 +284,46 @@ async fn an_upload_that_keeps_moving_is_never_cut_by_the_response_timeout() {
             assert_eq!(v["len"], 14 * 1024, "{what}");
             assert_eq!(v["mismatches"], 0, "{what}");
         }
+    }
+}
+
+/// An upload the upstream stops taking (it never reads nor answers) is cut after the
+/// response timeout with 504, and the upstream request is abandoned (stream reset or
+/// connection closed), for either upstream protocol.
+#[tokio::test]
+async fn an_upload_the_upstream_stops_taking_is_504_and_released() {
+    for alpn in [H1, H2] {
+        let (ca, up) = upstream(alpn).await;
+        let proxy = ProxyBuilder::new(&routes(up.port()))
+            .upstream(&ca, &[("api.test", up.port())])
+            .arg("--response-timeout")
+            .arg("2")
+            .start();
+        let mut c = h1(proxy.tunnel("api.test", up.port(), H1).await).await;
+        // 4 MiB: more than the windows and buffers on the way take.
+        let body = Bytes::from(vec![1u8; 4 << 20]);
+        let req = Request::post("/hold")
+            .header("host", format!("api.test:{}", up.port()))
+            .body(body_of(body))
+            .unwrap();
+        let started = Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(15), c.send_request(req))
+            .await
+            .unwrap_or_else(|_| panic!("{alpn:?}: no answer"));
+        let (st, headers, body) = collect(r.unwrap()).await;
+        assert_refusal(st, &headers, &body, 504, "upstream_timeout");
+        assert!(
+            started.elapsed() >= Duration::from_millis(1500),
+            "{alpn:?}: cut too early"
+        );
+        let released = within(Duration::from_secs(5), || {
+            up.holding.load(Ordering::SeqCst) == 0
+        })
+        .await;
+        assert!(
+            released.is_some(),
+            "{alpn:?}: the upstream request is still held"
+        );
     }
 }
 

@@ -16,6 +16,7 @@
 //! window, and never comes out of another stream's. A reader that stays stalled is cut
 //! by the silence timeout, which releases the stream.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::Poll;
@@ -102,7 +103,10 @@ impl H2Conn {
     /// Counts a request as open until the returned guard is dropped.
     fn open_stream(&self) -> OpenStream {
         self.shared.open_streams.fetch_add(1, Ordering::Relaxed);
-        OpenStream(self.shared.clone())
+        OpenStream {
+            shared: self.shared.clone(),
+            upload_alive: None,
+        }
     }
 
     /// Sends `req` on a new stream and waits for the response head, within the response
@@ -123,7 +127,7 @@ impl H2Conn {
                 format!("HTTP/2 connection to {}: {e}", target.host),
             )
         };
-        let open = self.open_stream();
+        let mut open = self.open_stream();
         let work = async {
             let mut send = match self.send.clone().ready().await {
                 Ok(send) => send,
@@ -136,10 +140,18 @@ impl H2Conn {
             let (response, stream) = send
                 .send_request(Request::from_parts(parts, ()), eos)
                 .map_err(|e| (unavailable(e), Refused::HeadLost))?;
+            // The upload's copier stops (and resets the stream) once the request is
+            // abandoned: its response timed out or failed, or was dropped unread.
+            let mut upload_alive = None;
             if !eos {
-                tokio::spawn(pipe_body(body, stream));
+                let (alive, abandoned) = tokio::sync::oneshot::channel();
+                tokio::spawn(pipe_body(body, stream, abandoned));
+                upload_alive = Some(alive);
             }
-            response.await.map_err(|e| (unavailable(e), Refused::No))
+            match response.await {
+                Ok(r) => Ok((r, upload_alive)),
+                Err(e) => Err((unavailable(e), Refused::No)),
+            }
         };
         match await_head(work, upload.map(|u| &**u), timeout).await {
             Err(()) => Err(SendError::Final(super::response_timeout(target))),
@@ -154,8 +166,9 @@ impl H2Conn {
                 };
                 Err(SendError::Unsent(e, back))
             }
-            Ok(Ok(r)) => {
+            Ok(Ok((r, upload_alive))) => {
                 let (parts, recv) = r.into_parts();
+                open.upload_alive = upload_alive;
                 Ok(Response::from_parts(
                     parts,
                     UpstreamBody::H2(recv, false, open),
@@ -209,11 +222,15 @@ fn set_uri(target: &Target, req: &mut Request<ProxyBody>) -> Result<(), SendErro
 }
 
 /// One open request on an [`H2Conn`], until dropped.
-pub struct OpenStream(Arc<H2Shared>);
+pub struct OpenStream {
+    shared: Arc<H2Shared>,
+    /// Keeps the request body's copier going; dropped, it stops it.
+    upload_alive: Option<tokio::sync::oneshot::Sender<()>>,
+}
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
-        self.0.open_streams.fetch_sub(1, Ordering::Relaxed);
+        self.shared.open_streams.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -260,21 +277,42 @@ async fn drive(mut conn: h2::client::Connection<BoxedIo, Bytes>, shared: Arc<H2S
 /// Copies a request body into its HTTP/2 stream, its trailers too, as hyper's client
 /// does: each chunk is handed to h2 whole once the stream has any send window, and h2
 /// frames it as the window opens (so at most about one chunk waits in memory). Stops if
-/// the upstream resets the stream, and resets it if the agent's body fails, so that a
-/// cut upload never arrives as a complete one.
-async fn pipe_body(mut body: ProxyBody, mut stream: h2::SendStream<Bytes>) {
+/// the upstream resets the stream, and resets it if the agent's body fails or the request
+/// is abandoned (`abandoned` resolves), so that a cut upload never arrives as a complete
+/// one and an abandoned one holds no stream.
+async fn pipe_body(
+    mut body: ProxyBody,
+    mut stream: h2::SendStream<Bytes>,
+    mut abandoned: tokio::sync::oneshot::Receiver<()>,
+) {
+    let mut gone = move |cx: &mut std::task::Context<'_>| {
+        std::pin::Pin::new(&mut abandoned).poll(cx).is_ready()
+    };
     loop {
         // Some window first, unless the upstream resets the stream meanwhile.
         stream.reserve_capacity(1);
         while stream.capacity() == 0 {
-            match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
+            let capacity = std::future::poll_fn(|cx| {
+                if gone(cx) {
+                    return Poll::Ready(None);
+                }
+                stream.poll_capacity(cx)
+            });
+            match capacity.await {
                 Some(Ok(_)) => {}
-                _ => return,
+                _ => {
+                    stream.send_reset(h2::Reason::CANCEL);
+                    return;
+                }
             }
         }
         // The next frame, unless the upstream resets the stream first (it may answer
-        // before the upload ends and want no more of it).
+        // before the upload ends and want no more of it), or the request is abandoned.
         let next = std::future::poll_fn(|cx| {
+            if gone(cx) {
+                stream.send_reset(h2::Reason::CANCEL);
+                return Poll::Ready(None);
+            }
             if let Poll::Ready(frame) =
                 hyper::body::Body::poll_frame(std::pin::Pin::new(&mut body), cx)
             {

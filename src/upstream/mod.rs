@@ -33,7 +33,7 @@ use tokio_rustls::TlsConnector;
 pub use self::body::UpstreamBody;
 use self::body::{Upload, UploadState, await_head};
 use self::h2::H2Conn;
-use self::pool::{Checkout, Pool, Sender, Setup};
+use self::pool::{Checkout, H1Conn, Pool, Sender, Setup};
 use crate::chain::{NoProxy, ProxyUrl};
 use crate::error::{ErrorKind, ProxyBody, ProxyError};
 use crate::routes::Host;
@@ -294,21 +294,27 @@ impl Upstream {
     ) -> Result<Response<UpstreamBody>, SendError> {
         let timeout = self.settings.response_timeout;
         match sender {
-            Sender::H1(mut s) => {
+            Sender::H1(mut conn) => {
                 // A pooled connection was checked out ready, and a new one takes its
                 // first request unasked. The sender goes back to the pool once the
                 // response head is in: from then on it is not ready until this response
                 // has been read to its end. Before that, it can still look ready (the
                 // connection has not taken the request off its queue yet), and a request
                 // checked out then would queue behind this one.
-                let response = s.try_send_request(req);
+                // A connection whose request failed is closed at once: it may still be
+                // busy with it (an upload nobody reads), and is never reused.
+                let response = conn.send.try_send_request(req);
                 match await_head(response, upload.map(|u| &**u), timeout).await {
-                    Err(()) => Err(SendError::Final(response_timeout(target))),
+                    Err(()) => {
+                        conn.close();
+                        Err(SendError::Final(response_timeout(target)))
+                    }
                     Ok(Ok(r)) => {
-                        self.pool.put_h1(target, s);
+                        self.pool.put_h1(target, conn);
                         Ok(r.map(UpstreamBody::Hyper))
                     }
                     Ok(Err(mut e)) => {
+                        conn.close();
                         let back = e.take_message();
                         let err = classify_hyper_error(target, e.error());
                         Err(match err.kind {
@@ -346,10 +352,13 @@ impl Upstream {
                 .handshake(TokioIo::new(io))
                 .await
                 .map_err(|e| handshake_err(&e))?;
-            tokio::spawn(async move {
+            let task = tokio::spawn(async move {
                 let _ = conn.await;
             });
-            Ok(Sender::H1(sender))
+            Ok(Sender::H1(H1Conn {
+                send: sender,
+                task: task.abort_handle(),
+            }))
         }
     }
 }

@@ -29,8 +29,22 @@ const MAX_H1_PER_TARGET: usize = 64;
 
 /// A connection a request can be sent on.
 pub(super) enum Sender {
-    H1(http1::SendRequest<ProxyBody>),
+    H1(H1Conn),
     H2(H2Conn),
+}
+
+/// An HTTP/1.1 connection: its sender, and the task that drives it, aborted to close the
+/// connection at once (a request given up on would otherwise keep it busy, say sending
+/// an upload nobody reads, until the upstream closes it).
+pub(super) struct H1Conn {
+    pub(super) send: http1::SendRequest<ProxyBody>,
+    pub(super) task: tokio::task::AbortHandle,
+}
+
+impl H1Conn {
+    pub(super) fn close(&self) {
+        self.task.abort();
+    }
 }
 
 /// What a connection being set up became, as those waiting for it see it.
@@ -61,7 +75,7 @@ struct Slot {
     /// HTTP/1.1 connections, in use or idle, each with when it last took a request. One
     /// in use is not ready until its response has been read to the end, so it stays here
     /// rather than coming back from a task that waits for that.
-    h1: Vec<(http1::SendRequest<ProxyBody>, Instant)>,
+    h1: Vec<(H1Conn, Instant)>,
     /// The connection being set up that others may wait for, by its dial's id.
     dialing: Option<(u64, watch::Receiver<Setup>)>,
     /// The target's last connection chose HTTP/1.1: nothing to share, so none is waited for.
@@ -91,17 +105,18 @@ impl Pool {
         let mut now = None;
         let mut i = 0;
         while i < slot.h1.len() {
-            let (sender, since) = &slot.h1[i];
-            if !sender.is_closed() && !sender.is_ready() {
+            let (conn, since) = &slot.h1[i];
+            if !conn.send.is_closed() && !conn.send.is_ready() {
                 i += 1;
                 continue;
             }
-            let fresh = sender.is_ready()
+            let fresh = conn.send.is_ready()
                 && now.get_or_insert_with(Instant::now).duration_since(*since) < IDLE_TIMEOUT;
-            let (sender, _) = slot.h1.swap_remove(i);
+            let (conn, _) = slot.h1.swap_remove(i);
             if fresh {
-                return Checkout::Reuse(Sender::H1(sender));
+                return Checkout::Reuse(Sender::H1(conn));
             }
+            conn.close();
         }
         let mut dial = Dialing {
             pool: self.clone(),
@@ -121,12 +136,12 @@ impl Pool {
     }
 
     /// Keeps an HTTP/1.1 connection that has just taken a request.
-    pub(super) fn put_h1(&self, target: &Target, sender: http1::SendRequest<ProxyBody>) {
+    pub(super) fn put_h1(&self, target: &Target, conn: H1Conn) {
         let mut slots = self.lock();
         let slot = slots.entry(target.clone()).or_default();
         slot.h1_only = true;
         if slot.h1.len() < MAX_H1_PER_TARGET {
-            slot.h1.push((sender, Instant::now()));
+            slot.h1.push((conn, Instant::now()));
         }
     }
 
@@ -134,9 +149,12 @@ impl Pool {
     pub(super) fn reap(&self) {
         let mut slots = self.lock();
         slots.retain(|_, slot| {
-            slot.h1.retain(|(s, since)| {
-                let idle_too_long = s.is_ready() && since.elapsed() >= IDLE_TIMEOUT;
-                !(s.is_closed() || idle_too_long)
+            slot.h1.retain(|(c, since)| {
+                let idle_too_long = c.send.is_ready() && since.elapsed() >= IDLE_TIMEOUT;
+                if idle_too_long {
+                    c.close();
+                }
+                !(c.send.is_closed() || idle_too_long)
             });
             slot.h2.retain(|c| !c.is_closed());
             !slot.h2.is_empty() || !slot.h1.is_empty() || slot.dialing.is_some()
@@ -324,8 +342,9 @@ mod tests {
         let (sender, conn) = http1::handshake::<_, ProxyBody>(hyper_util::rt::TokioIo::new(io))
             .await
             .unwrap();
-        tokio::spawn(conn);
-        dialing(pool.checkout(&target())).finish(Ok(&Sender::H1(sender)));
+        let task = tokio::spawn(conn).abort_handle();
+        let conn = H1Conn { send: sender, task };
+        dialing(pool.checkout(&target())).finish(Ok(&Sender::H1(conn)));
         // Two requests at once each dial: nothing to share.
         let _a = dialing(pool.checkout(&target()));
         let _b = dialing(pool.checkout(&target()));

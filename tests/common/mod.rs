@@ -110,6 +110,9 @@ pub struct Upstream {
     /// `/download` bodies being sent: one ends (and leaves this count) when it is sent
     /// whole, or when the proxy resets its stream or closes its connection.
     pub downloading: Arc<AtomicUsize>,
+    /// `/hold` requests being held: such a request is not read for 3 s nor ever answered,
+    /// and leaves this count once the proxy has reset its stream or closed its connection.
+    pub holding: Arc<AtomicUsize>,
 }
 
 impl Upstream {
@@ -120,8 +123,13 @@ impl Upstream {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
         let downloading = Arc::new(AtomicUsize::new(0));
-        let (seen2, conns2, downloading2) =
-            (seen.clone(), connections.clone(), downloading.clone());
+        let holding = Arc::new(AtomicUsize::new(0));
+        let (seen2, conns2, downloading2, holding2) = (
+            seen.clone(),
+            connections.clone(),
+            downloading.clone(),
+            holding.clone(),
+        );
         tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
@@ -131,6 +139,7 @@ impl Upstream {
                 let acceptor = acceptor.clone();
                 let seen = seen2.clone();
                 let downloading = downloading2.clone();
+                let holding = holding2.clone();
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
@@ -139,7 +148,16 @@ impl Upstream {
                     let svc = service_fn(move |req| {
                         let seen = seen.clone();
                         let downloading = downloading.clone();
-                        async move { Ok::<_, Infallible>(upstream_handle(req, seen, downloading).await) }
+                        let holding = holding.clone();
+                        async move {
+                            if req.uri().path() == "/hold" {
+                                holding.fetch_add(1, Ordering::SeqCst);
+                                let _held = Counted(holding);
+                                hold(req).await;
+                                return Ok(Response::new(full("")));
+                            }
+                            Ok::<_, Infallible>(upstream_handle(req, seen, downloading).await)
+                        }
                     });
                     let io = TokioIo::new(tls);
                     if h2 {
@@ -160,6 +178,7 @@ impl Upstream {
             seen,
             connections,
             downloading,
+            holding,
         }
     }
 
@@ -188,10 +207,24 @@ fn full(b: impl Into<Bytes>) -> ClientBody {
     Full::new(b.into()).map_err(|e| match e {}).boxed()
 }
 
-/// Counts a `/download` body as being sent until dropped.
-struct Downloading(Arc<AtomicUsize>);
+/// `/hold`: reads nothing for 3 s, then reads the body: a request the proxy abandoned
+/// meanwhile (its stream reset, its connection closed) ends there; one whose body
+/// arrives whole is held for ever (an HTTP/1.1 server notices a closed connection only
+/// when it reads).
+async fn hold(mut req: Request<Incoming>) {
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    while let Some(frame) = req.body_mut().frame().await {
+        if frame.is_err() {
+            return;
+        }
+    }
+    std::future::pending::<()>().await;
+}
 
-impl Drop for Downloading {
+/// Counts something (a `/download` body being sent, a `/hold` request) until dropped.
+struct Counted(Arc<AtomicUsize>);
+
+impl Drop for Counted {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
     }
@@ -254,7 +287,7 @@ async fn upstream_handle(
     if let Some(n) = path.strip_prefix("/download/") {
         let total: u64 = n.parse().unwrap_or(0);
         downloading.fetch_add(1, Ordering::SeqCst);
-        let guard = Arc::new(Downloading(downloading));
+        let guard = Arc::new(Counted(downloading));
         let stream = futures_util::stream::unfold(0u64, move |sent| {
             let guard = guard.clone();
             async move {
