@@ -15,7 +15,7 @@ use crate::ca::{BottleCa, CaOrigin, LeafCache};
 use crate::chain::ProxyUrl;
 use crate::config::Config;
 use crate::proxy::{ClientLimits, ProxyState};
-use crate::reload::{Reloader, Trigger};
+use crate::reload::{RoutesWatch, Trigger};
 use crate::routes::Host;
 use crate::upstream::{Upstream, UpstreamSettings};
 
@@ -27,7 +27,9 @@ pub async fn run(config: Config) -> Result<(), String> {
     // Handlers first: a SIGHUP that arrived before them would end the process.
     let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT])
         .map_err(|e| format!("installing signal handlers: {e}"))?;
-    let routes = crate::reload::load_routes(&config.routes)?;
+    // The watch before the first read: a change made while the rest starts is not lost.
+    let watch = RoutesWatch::start(config.routes.clone())?;
+    let (routes, routes_bytes) = watch.load()?;
     let (ca, origin) = BottleCa::load_or_mint(&config.ca_dir).map_err(|e| e.to_string())?;
     if let Some(dir) = &config.ca_export {
         ca.export(dir).map_err(|e| format!("--ca-export: {e}"))?;
@@ -94,7 +96,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         "egress-proxy serving"
     );
     tokio::spawn(crate::admin::serve(admin, state.clone()));
-    let reloader = Reloader::start(state.clone(), config.routes.clone())?;
+    let reloader = watch.serve(state.clone(), routes_bytes);
     let until_stop = async {
         while let Some(signal) = signals.next().await {
             if signal == SIGHUP {

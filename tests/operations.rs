@@ -741,3 +741,81 @@ async fn a_new_hosts_leaf_is_minted_when_its_tunnel_opens_not_after_the_client_h
     }
     assert_eq!(misses, 1.0);
 }
+
+/// SPEC §5: the watch is in place before the routes are first read. The proxy is held in
+/// start-up, after its routes are read, by a CA key that is a named pipe: its read
+/// blocks until the test writes the key. In between, the routes file changes; the
+/// proxy must serve the new routes without a SIGHUP.
+#[tokio::test]
+async fn a_routes_change_during_start_up_is_applied() {
+    let ca = TestCa::new("ca");
+    let up = Upstream::start(&ca, &["api.test", "b.test"], &[b"http/1.1"]).await;
+    let port = up.port();
+    // A CA minted by the binary itself, its key then put behind a pipe.
+    let work = tempfile::tempdir().unwrap();
+    let ca_dir = work.path().join("ca");
+    let minted = std::process::Command::new(BIN)
+        .args(["ca", "init", "--ca-dir"])
+        .arg(&ca_dir)
+        .output()
+        .unwrap();
+    assert!(minted.status.success(), "{minted:?}");
+    let key_path = ca_dir.join("ca-key.pem");
+    let key = std::fs::read(&key_path).unwrap();
+    std::fs::remove_file(&key_path).unwrap();
+    let fifo = std::ffi::CString::new(key_path.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    let routes_dir = work.path().join("routes");
+    std::fs::create_dir(&routes_dir).unwrap();
+    let routes_path = routes_dir.join("routes.yaml");
+    std::fs::write(&routes_path, routes(port, &["/v1"], false)).unwrap();
+    let new_routes = routes(port, &["/v1"], true);
+    let writer_routes = routes_path.clone();
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        // The write end opens (without blocking) once the proxy has opened the read end:
+        // by then it has read its routes, and it is held in start-up until the key comes.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut pipe = loop {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&key_path)
+            {
+                Ok(p) => break p,
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("the proxy never read its CA key: {e}"),
+            }
+        };
+        replace_file(&writer_routes, &new_routes);
+        // Long enough for the change to be seen by a watch that is in place.
+        std::thread::sleep(Duration::from_millis(500));
+        // Less than a pipe's buffer: written at once even on a non-blocking pipe.
+        pipe.write_all(&key).unwrap();
+    });
+    let start = tokio::task::spawn_blocking(move || {
+        ProxyBuilder::new("")
+            .routes_path(routes_path)
+            .ca_dir(ca_dir)
+            .upstream(&ca, &[("api.test", port), ("b.test", port)])
+            .env("OPS_TOKEN", TOKEN)
+            .start()
+    });
+    let proxy = start.await.unwrap();
+    writer.join().unwrap();
+    let b = format!("b.test:{port}");
+    let took = within(Duration::from_secs(3), || async {
+        connect_status(&proxy, &b).await == 200
+    })
+    .await;
+    assert!(
+        took.is_some(),
+        "the change made during start-up was lost: {}",
+        proxy.logs()
+    );
+    assert_eq!(reloads_ok(&proxy).await, 1.0, "{}", proxy.logs());
+}
