@@ -819,3 +819,128 @@ async fn a_routes_change_during_start_up_is_applied() {
     );
     assert_eq!(reloads_ok(&proxy).await, 1.0, "{}", proxy.logs());
 }
+
+/// Writes a byte every 100 ms until the connection fails or 10 s pass: input the proxy
+/// has not read when it closes the connection, so its close lingers.
+fn trickle<W>(mut w: W) -> tokio::task::JoinHandle<()>
+where
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use tokio::io::AsyncWriteExt;
+    tokio::spawn(async move {
+        for _ in 0..100 {
+            if w.write_all(b"x").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+/// SPEC §5: with nothing in flight the process exits within 3 s of SIGTERM whatever is
+/// open, under a 30 s grace: bare TCP connections, CONNECTs not followed by TLS, TLS
+/// without a request, HTTP/1.1 keep-alive after a request, HTTP/2 clients whose
+/// connection is driven (they answer PING) with no open stream, and some of each kind
+/// with input the proxy never read (its close lingers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_only_idle_connections_exits_within_three_seconds() {
+    use tokio::io::AsyncWriteExt;
+    let ca = TestCa::new("ca");
+    let up = Upstream::start(&ca, &["api.test"], &[b"h2", b"http/1.1"]).await;
+    let port = up.port();
+    let proxy = ProxyBuilder::new(&routes(port, &["/v1"], false))
+        .upstream(&ca, &[("api.test", port)])
+        .env("OPS_TOKEN", TOKEN)
+        .arg("--shutdown-grace")
+        .arg("30")
+        .start();
+    let h = format!("api.test:{port}");
+    let mut held_tcp = Vec::new();
+    let mut held_tls = Vec::new();
+    let mut h1_clients = Vec::new();
+    let mut h2_clients = Vec::new();
+    let mut trickles = Vec::new();
+    for i in 0..10 {
+        // A bare TCP connection, silent or sending bytes that never make a head.
+        let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        if i < 3 {
+            tcp.write_all(b"GET http://api.test/ HTTP/1.1\r\nx-slow: ")
+                .await
+                .unwrap();
+            trickles.push(trickle(tcp));
+        } else {
+            held_tcp.push(tcp);
+        }
+        // A CONNECT not followed by TLS.
+        let (status, _, tcp) = proxy.connect(&h).await;
+        assert_eq!(status, 200);
+        if i < 3 {
+            trickles.push(trickle(tcp));
+        } else {
+            held_tcp.push(tcp);
+        }
+        // TLS with no request yet.
+        let tls = proxy.tunnel("api.test", port, &[b"http/1.1"]).await;
+        if i < 3 {
+            trickles.push(trickle(tls));
+        } else {
+            held_tls.push(tls);
+        }
+        // HTTP/1.1 keep-alive after one request.
+        let mut c = h1(proxy.tunnel("api.test", port, &[b"http/1.1"]).await).await;
+        let r = c
+            .send_request(get(&h, "/v1/x").body(empty()).unwrap())
+            .await;
+        assert!(complete_200(r).await);
+        h1_clients.push(c);
+        // HTTP/2, its connection driven by a task, with no stream open.
+        let mut c = h2(proxy.tunnel("api.test", port, &[b"h2"]).await).await;
+        let r = c
+            .send_request(
+                Request::builder()
+                    .uri(format!("https://{h}/v1/x"))
+                    .body(empty())
+                    .unwrap(),
+            )
+            .await;
+        assert!(complete_200(r).await);
+        h2_clients.push(c);
+    }
+    // An HTTP/1.1 tunnel after a request whose agent keeps sending (a next head it
+    // never finishes).
+    for _ in 0..3 {
+        let mut tls = proxy.tunnel("api.test", port, &[b"http/1.1"]).await;
+        tls.write_all(format!("GET /v1/x HTTP/1.1\r\nhost: {h}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::io::AsyncReadExt::read(&mut tls, &mut buf)
+            .await
+            .unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        tls.write_all(format!("GET /v1/x HTTP/1.1\r\nhost: {h}\r\nx-slow: ").as_bytes())
+            .await
+            .unwrap();
+        trickles.push(trickle(tls));
+    }
+    let started = Instant::now();
+    proxy.signal("TERM");
+    let mut proxy = proxy;
+    let (code, logs) = tokio::task::spawn_blocking(move || {
+        let code = proxy.wait_exit(Duration::from_secs(10));
+        (code, proxy.logs())
+    })
+    .await
+    .unwrap();
+    let took = started.elapsed();
+    eprintln!("exit {took:?} after SIGTERM");
+    assert_eq!(code, Some(0), "took {took:?}; logs: {logs}");
+    assert!(
+        took < Duration::from_secs(3),
+        "idle connections held the exit for {took:?}"
+    );
+    drop((held_tcp, held_tls, h1_clients, h2_clients));
+    for t in trickles {
+        t.abort();
+    }
+}
