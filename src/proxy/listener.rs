@@ -25,6 +25,59 @@ use crate::destination;
 use crate::error::{ErrorKind, ProxyBody, ProxyError, empty_body};
 use crate::policy::{Authority, TargetError, parse_target};
 
+/// Refusals (503 `too_many_connections`) that may wait for the agent's request before
+/// answering, at once. Each holds a descriptor, so their number is part of the
+/// descriptor budget (`app::connection_cap`); beyond it a refusal is answered at once.
+pub(crate) const REFUSALS_AT_ONCE: usize = 32;
+
+/// The first accept failure after the last success pauses this long; each further one
+/// twice as long, up to [`ACCEPT_PAUSE_MAX`].
+const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
+
+/// Accept failures (out of descriptors, mostly) come in bursts: the first of a burst is
+/// logged and the rest only counted, and each pauses a little longer than the one
+/// before, so a failing accept neither spins nor floods the log. The next success ends
+/// the burst and says how many failed.
+pub(crate) struct AcceptErrors {
+    listener: &'static str,
+    failed: u64,
+    pause: Duration,
+}
+
+impl AcceptErrors {
+    pub(crate) fn new(listener: &'static str) -> AcceptErrors {
+        AcceptErrors {
+            listener,
+            failed: 0,
+            pause: ACCEPT_PAUSE_MIN,
+        }
+    }
+
+    /// Records a failed accept and waits out its pause.
+    pub(crate) async fn failed(&mut self, e: &std::io::Error) {
+        if self.failed == 0 {
+            tracing::warn!(listener = self.listener, error = %e, "accept failed; backing off until it succeeds again");
+        }
+        self.failed += 1;
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).min(ACCEPT_PAUSE_MAX);
+    }
+
+    /// Records a successful accept, ending a burst of failures.
+    pub(crate) fn succeeded(&mut self) {
+        if self.failed > 0 {
+            tracing::info!(
+                listener = self.listener,
+                failed = self.failed,
+                "accepting again"
+            );
+            self.failed = 0;
+            self.pause = ACCEPT_PAUSE_MIN;
+        }
+    }
+}
+
 /// Accepts connections until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
@@ -32,6 +85,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let mut shutdown = std::pin::pin!(shutdown);
+    let mut errors = AcceptErrors::new("proxy");
     loop {
         let accepted = tokio::select! {
             _ = shutdown.as_mut() => return,
@@ -40,15 +94,18 @@ pub async fn serve(
         let (stream, client) = match accepted {
             Ok(a) => a,
             Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::select! {
+                    _ = shutdown.as_mut() => return,
+                    _ = errors.failed(&e) => {}
+                }
                 continue;
             }
         };
+        errors.succeeded();
         let _ = stream.set_nodelay(true);
         let Ok(slot) = state.connection_slots.clone().try_acquire_owned() else {
-            tokio::spawn(refuse_over_limit(stream, client, state.clone()));
+            let may_wait = state.refusal_slots.clone().try_acquire_owned().ok();
+            tokio::spawn(refuse_over_limit(stream, client, state.clone(), may_wait));
             continue;
         };
         state.metrics.open_connections.inc();
@@ -69,10 +126,18 @@ pub async fn serve(
 }
 
 /// Answers 503 `too_many_connections` once the cap is reached: read what the client
-/// sent (briefly), answer, close.
-async fn refuse_over_limit(mut stream: TcpStream, client: SocketAddr, state: Arc<ProxyState>) {
-    let mut buf = [0u8; 4096];
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buf)).await;
+/// sent (briefly, when `may_wait` holds one of the [`REFUSALS_AT_ONCE`] slots, so the
+/// close does not reset the answer away), answer, close.
+async fn refuse_over_limit(
+    mut stream: TcpStream,
+    client: SocketAddr,
+    state: Arc<ProxyState>,
+    may_wait: Option<tokio::sync::OwnedSemaphorePermit>,
+) {
+    if may_wait.is_some() {
+        let mut buf = [0u8; 4096];
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buf)).await;
+    }
     let e = ProxyError::new(
         ErrorKind::TooManyConnections,
         format!(
@@ -99,6 +164,7 @@ async fn refuse_over_limit(mut stream: TcpStream, client: SocketAddr, state: Arc
     let _ = stream.write_all(head.as_bytes()).await;
     let _ = stream.write_all(&body).await;
     let _ = stream.shutdown().await;
+    drop(may_wait);
 }
 
 async fn serve_client(stream: TcpStream, conn: ClientConn) {

@@ -69,6 +69,8 @@ pub struct ProxyState {
     pub own_listeners: Vec<SocketAddr>,
     pub metrics: Arc<Metrics>,
     connection_slots: Arc<Semaphore>,
+    /// Refusals that may wait for the agent's request (`listener::REFUSALS_AT_ONCE`).
+    refusal_slots: Arc<Semaphore>,
     /// Flips to `true` when the proxy starts shutting down.
     shutdown: watch::Sender<bool>,
     next_connection_id: AtomicU64,
@@ -95,6 +97,7 @@ impl ProxyState {
             leaves,
             upstream,
             connection_slots: Arc::new(Semaphore::new(limits.max_connections)),
+            refusal_slots: Arc::new(Semaphore::new(listener::REFUSALS_AT_ONCE)),
             shutdown: watch::Sender::new(false),
             limits,
             own_listeners,
