@@ -19,7 +19,7 @@ use tokio::sync::Semaphore;
 
 use crate::error::{ProxyBody, full_body};
 use crate::proxy::ProxyState;
-use crate::proxy::listener::AcceptErrors;
+use crate::proxy::listener::Acceptor;
 
 /// Admin connections served at once. Further ones wait in the listen backlog, where they
 /// hold no descriptor of ours: the admin listener's descriptors are bounded, and they are
@@ -31,19 +31,14 @@ pub(crate) const ADMIN_CONNECTIONS: usize = 16;
 pub async fn serve(listener: TcpListener, state: Arc<ProxyState>) {
     let ca_pem = Bytes::from(state.leaves.ca().cert_pem().to_owned());
     let slots = Arc::new(Semaphore::new(ADMIN_CONNECTIONS));
-    let mut errors = AcceptErrors::new("admin");
+    let mut acceptor = Acceptor::new(listener, "admin");
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                errors.failed(&e).await;
-                continue;
-            }
-        };
-        errors.succeeded();
+        // A connection accepted on the spare descriptor is served too: a probe answered
+        // while the proxy is out of descriptors is the point of the spare.
+        let stream = acceptor.accept().await.stream;
         let (state, ca_pem) = (state.clone(), ca_pem.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req| {

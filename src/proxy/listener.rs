@@ -35,40 +35,127 @@ pub(crate) const REFUSALS_AT_ONCE: usize = 32;
 const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
 
-/// Accept failures (out of descriptors, mostly) come in bursts: the first of a burst is
-/// logged and the rest only counted, and each pauses a little longer than the one
-/// before, so a failing accept neither spins nor floods the log. The next success ends
-/// the burst and says how many failed.
-pub(crate) struct AcceptErrors {
-    listener: &'static str,
+/// How often a listener without its spare descriptor tries to take it back.
+const SPARE_RETRY: Duration = Duration::from_millis(100);
+
+/// A listener's accept loop, for what happens when accepting fails.
+///
+/// Out of descriptors, the kernel leaves the connection in the backlog and fails every
+/// accept until one is freed: the agent would hang unanswered and `/healthz` stop
+/// answering. The connection cap keeps that from happening in the normal run of things
+/// (`app::connection_cap`), but an agent can still cost more than its share (an HTTP/2
+/// connection whose streams each need their own upstream connection). So each listener
+/// holds one spare descriptor: out of descriptors, it gives the spare up to accept one
+/// connection anyway (the proxy listener answers it 503, the admin listener serves it),
+/// and takes it back once descriptors are free again.
+///
+/// Failures come in bursts: the first of a burst is logged and the rest only counted,
+/// and each pauses a little longer than the one before, so a failing accept neither
+/// spins nor floods the log. The next ordinary accept ends the burst and says how many
+/// failed.
+pub(crate) struct Acceptor {
+    listener: TcpListener,
+    name: &'static str,
     failed: u64,
     pause: Duration,
+    spare: Option<std::fs::File>,
+    /// False when the spare cannot be opened for another reason than a lack of
+    /// descriptors (no `/dev/null`): then there is none to wait for either.
+    spare_possible: bool,
 }
 
-impl AcceptErrors {
-    pub(crate) fn new(listener: &'static str) -> AcceptErrors {
-        AcceptErrors {
+/// An accepted connection.
+pub(crate) struct Accepted {
+    pub(crate) stream: TcpStream,
+    pub(crate) peer: SocketAddr,
+    /// Accepted on the spare descriptor: none other was left.
+    pub(crate) on_spare: bool,
+}
+
+impl Acceptor {
+    pub(crate) fn new(listener: TcpListener, name: &'static str) -> Acceptor {
+        let mut acceptor = Acceptor {
             listener,
+            name,
             failed: 0,
             pause: ACCEPT_PAUSE_MIN,
+            spare: None,
+            spare_possible: true,
+        };
+        acceptor.take_spare();
+        acceptor
+    }
+
+    /// Opens the spare descriptor if it is missing and can be had.
+    fn take_spare(&mut self) {
+        if self.spare.is_some() || !self.spare_possible {
+            return;
+        }
+        match std::fs::File::open("/dev/null") {
+            Ok(f) => self.spare = Some(f),
+            Err(e) => self.spare_possible = out_of_descriptors(&e),
         }
     }
 
-    /// Records a failed accept and waits out its pause.
-    pub(crate) async fn failed(&mut self, e: &std::io::Error) {
+    /// The next connection; failures are retried after their pause.
+    pub(crate) async fn accept(&mut self) -> Accepted {
+        loop {
+            self.take_spare();
+            let accepted = match self.spare {
+                _ if !self.spare_possible => self.listener.accept().await,
+                Some(_) => self.listener.accept().await,
+                // Without its spare the listener takes it back as soon as a descriptor is
+                // free, not only at its next connection.
+                None => match tokio::time::timeout(SPARE_RETRY, self.listener.accept()).await {
+                    Ok(accepted) => accepted,
+                    Err(_) => continue,
+                },
+            };
+            let e = match accepted {
+                Ok((stream, peer)) => {
+                    self.succeeded();
+                    return Accepted {
+                        stream,
+                        peer,
+                        on_spare: false,
+                    };
+                }
+                Err(e) => e,
+            };
+            if out_of_descriptors(&e)
+                && self.spare.take().is_some()
+                && let Ok((stream, peer)) = self.listener.accept().await
+            {
+                // Progress: the next failure need not wait long.
+                self.pause = ACCEPT_PAUSE_MIN;
+                self.log_burst_start(&e);
+                return Accepted {
+                    stream,
+                    peer,
+                    on_spare: true,
+                };
+            }
+            self.failed(&e).await;
+        }
+    }
+
+    fn log_burst_start(&mut self, e: &std::io::Error) {
         if self.failed == 0 {
-            tracing::warn!(listener = self.listener, error = %e, "accept failed; backing off until it succeeds again");
+            tracing::warn!(listener = self.name, error = %e, "accept failed; backing off until it succeeds again");
         }
         self.failed += 1;
+    }
+
+    async fn failed(&mut self, e: &std::io::Error) {
+        self.log_burst_start(e);
         tokio::time::sleep(self.pause).await;
         self.pause = (self.pause * 2).min(ACCEPT_PAUSE_MAX);
     }
 
-    /// Records a successful accept, ending a burst of failures.
-    pub(crate) fn succeeded(&mut self) {
+    fn succeeded(&mut self) {
         if self.failed > 0 {
             tracing::info!(
-                listener = self.listener,
+                listener = self.name,
                 failed = self.failed,
                 "accepting again"
             );
@@ -78,6 +165,10 @@ impl AcceptErrors {
     }
 }
 
+fn out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
+}
+
 /// Accepts connections until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
@@ -85,27 +176,36 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let mut shutdown = std::pin::pin!(shutdown);
-    let mut errors = AcceptErrors::new("proxy");
+    let mut acceptor = Acceptor::new(listener, "proxy");
     loop {
-        let accepted = tokio::select! {
+        let Accepted {
+            stream,
+            peer: client,
+            on_spare,
+        } = tokio::select! {
             _ = shutdown.as_mut() => return,
-            a = listener.accept() => a,
+            a = acceptor.accept() => a,
         };
-        let (stream, client) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                tokio::select! {
-                    _ = shutdown.as_mut() => return,
-                    _ = errors.failed(&e) => {}
-                }
-                continue;
-            }
-        };
-        errors.succeeded();
         let _ = stream.set_nodelay(true);
+        if on_spare {
+            // Its descriptor is the spare: answered at once, so it is free again soon.
+            let why = "the proxy has no file descriptor left".to_owned();
+            tokio::spawn(refuse_over_limit(stream, client, state.clone(), None, why));
+            continue;
+        }
         let Ok(slot) = state.connection_slots.clone().try_acquire_owned() else {
             let may_wait = state.refusal_slots.clone().try_acquire_owned().ok();
-            tokio::spawn(refuse_over_limit(stream, client, state.clone(), may_wait));
+            let why = format!(
+                "{} agent connections are open already",
+                state.limits.max_connections
+            );
+            tokio::spawn(refuse_over_limit(
+                stream,
+                client,
+                state.clone(),
+                may_wait,
+                why,
+            ));
             continue;
         };
         state.metrics.open_connections.inc();
@@ -133,18 +233,13 @@ async fn refuse_over_limit(
     client: SocketAddr,
     state: Arc<ProxyState>,
     may_wait: Option<tokio::sync::OwnedSemaphorePermit>,
+    why: String,
 ) {
     if may_wait.is_some() {
         let mut buf = [0u8; 4096];
         let _ = tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buf)).await;
     }
-    let e = ProxyError::new(
-        ErrorKind::TooManyConnections,
-        format!(
-            "{} agent connections are open already",
-            state.limits.max_connections
-        ),
-    );
+    let e = ProxyError::new(ErrorKind::TooManyConnections, why);
     state.metrics.count_connect("deny", e.kind.code());
     tracing::warn!(target: "egress_proxy::audit", event = "connect", client = %client, decision = "deny", reason = e.kind.code(), status = 503u16);
     // No HTTP server runs on this connection, so the one response is written by hand.
