@@ -312,40 +312,50 @@ async fn the_soft_open_files_limit_is_raised_to_the_hard_limit() {
     assert_eq!(&fields[3..5], ["4096", "4096"], "{line}");
 }
 
-/// SPEC §4a, open files, when descriptors do run out anyway: one HTTP/2 agent connection
-/// with 250 streams open to an HTTP/1.1 upstream takes an upstream connection per stream,
-/// past the 256 limit. The admin listener still answers `/healthz`, a new CONNECT is
-/// answered (503) rather than left hanging, and the accept failures are not a flood.
+/// SPEC §4a, open files, when descriptors do run out anyway: HTTP/2 agent connections
+/// whose streams each take an HTTP/1.1 upstream connection (five hosts, 50 streams each)
+/// use more than two descriptors apiece, past the 256 limit. The admin listener still
+/// answers `/healthz`, a new CONNECT is answered rather than left hanging, and the accept
+/// failures are not a flood.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_descriptors_run_out_health_and_refusals_still_answer() {
-    let (ca, up) = upstream().await;
+    let ca = TestCa::new("ca");
+    let hosts = ["a.test", "b.test", "c.test", "d.test", "e.test"];
+    let up = Upstream::start(&ca, &hosts, &[b"http/1.1"]).await;
     let port = up.port();
-    let proxy = ProxyBuilder::new(&routes(port))
-        .upstream(&ca, &[("api.test", port)])
+    let routes: String = hosts
+        .iter()
+        .map(|h| format!("  - host: {h}\n    ports: [{port}]\n"))
+        .collect();
+    let pins: Vec<(&str, u16)> = hosts.iter().map(|h| (*h, port)).collect();
+    let proxy = ProxyBuilder::new(&format!("routes:\n{routes}"))
+        .upstream(&ca, &pins)
         .open_files_limit(256, 256)
         .start();
-    let h = format!("api.test:{port}");
-    let c = h2(proxy.tunnel("api.test", port, &[b"h2"]).await).await;
     let mut streams = Vec::new();
-    for _ in 0..250 {
-        let mut c = c.clone();
-        let req = http::Request::builder()
-            .uri(format!("https://{h}/sse?n=1000&ms=1000"))
-            .body(empty())
-            .unwrap();
-        streams.push(tokio::spawn(async move {
-            let r = tokio::time::timeout(Duration::from_secs(20), c.send_request(req)).await;
-            // Held open: each keeps its upstream connection.
-            match r {
-                Ok(Ok(r)) => Some(r),
-                _ => None,
-            }
-        }));
+    for host in hosts {
+        let c = h2(proxy.tunnel(host, port, &[b"h2"]).await).await;
+        for _ in 0..50 {
+            let mut c = c.clone();
+            let req = http::Request::builder()
+                .uri(format!("https://{host}:{port}/sse?n=1000&ms=1000"))
+                .body(empty())
+                .unwrap();
+            streams.push(tokio::spawn(async move {
+                let r = tokio::time::timeout(Duration::from_secs(20), c.send_request(req)).await;
+                // Held open: each keeps its upstream connection.
+                match r {
+                    Ok(Ok(r)) => Some(r),
+                    _ => None,
+                }
+            }));
+        }
     }
     let mut held = Vec::new();
     for s in streams {
         held.push(s.await.unwrap());
     }
+    let h = format!("a.test:{port}");
     let open: usize = std::fs::read_dir(format!("/proc/{}/fd", proxy.pid()))
         .unwrap()
         .count();
