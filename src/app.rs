@@ -27,10 +27,15 @@ pub async fn run(config: Config) -> Result<(), String> {
     // Handlers first: a SIGHUP that arrived before them would end the process.
     let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT])
         .map_err(|e| format!("installing signal handlers: {e}"))?;
+    // Raised before the routes, the CA and the listeners; the cap below is fitted to it.
     let open_files_limit = match crate::sys::raise_open_files_limit() {
-        Ok(limit) => Some(limit),
-        Err(e) => {
-            tracing::warn!(error = %e, "could not read or raise the open-files limit");
+        Ok((limit, None)) => Some(limit),
+        Ok((limit, Some(why))) => {
+            tracing::warn!(error = %why, open_files_limit = limit, "could not raise the open-files limit to its hard limit");
+            Some(limit)
+        }
+        Err(why) => {
+            tracing::warn!(error = %why, "could not read the open-files limit");
             None
         }
     };

@@ -71,9 +71,9 @@ pub fn harden_process() -> Result<(), String> {
 
 /// Raises the soft open-files limit (`RLIMIT_NOFILE`) to the hard limit, which an
 /// unprivileged process may do: a container's soft limit is often 1024 while its hard
-/// limit is far higher. Returns the soft limit in force afterwards; `Err` names the call
-/// that failed (the limit is then left as it was).
-pub fn raise_open_files_limit() -> Result<u64, String> {
+/// limit is far higher. Returns the soft limit in force afterwards and, when it could not
+/// be raised, why (naming the call); `Err` when the limit cannot even be read.
+pub fn raise_open_files_limit() -> Result<(u64, Option<String>), String> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -86,22 +86,23 @@ pub fn raise_open_files_limit() -> Result<u64, String> {
                 std::io::Error::last_os_error()
             ));
         }
-        if limit.rlim_cur == limit.rlim_max {
-            return Ok(limit.rlim_cur);
+        if limit.rlim_cur >= limit.rlim_max {
+            return Ok((limit.rlim_cur, None));
         }
         let raised = libc::rlimit {
             rlim_cur: limit.rlim_max,
             rlim_max: limit.rlim_max,
         };
         if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
-            return Err(format!(
+            let why = format!(
                 "setrlimit(RLIMIT_NOFILE, {}): {}",
                 limit.rlim_max,
                 std::io::Error::last_os_error()
-            ));
+            );
+            return Ok((limit.rlim_cur, Some(why)));
         }
     }
-    Ok(limit.rlim_max)
+    Ok((limit.rlim_max, None))
 }
 
 /// How many descriptors the process has open now (`None` if /proc will not say).
