@@ -251,8 +251,12 @@ async fn drain_connection<C: Future>(mut conn: Pin<Box<C>>, activity: &Activity)
     let mut close_wait = IDLE_CLOSE_ON_SHUTDOWN;
     loop {
         if activity.in_flight.load(Ordering::Acquire) == 0 {
-            let _ = tokio::time::timeout(close_wait, conn.as_mut()).await;
-            return;
+            let closed = tokio::time::timeout(close_wait, conn.as_mut()).await;
+            // A head half-read when the shutdown began may have become a request
+            // meanwhile: that one is in flight, and finishes like the others.
+            if closed.is_ok() || activity.in_flight.load(Ordering::Acquire) == 0 {
+                return;
+            }
         }
         close_wait = DRAINED_CLOSE_ON_SHUTDOWN;
         tokio::select! {
