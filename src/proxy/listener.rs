@@ -235,9 +235,13 @@ async fn refuse_over_limit(
     may_wait: Option<tokio::sync::OwnedSemaphorePermit>,
     why: String,
 ) {
+    let mut buf = [0u8; 4096];
     if may_wait.is_some() {
-        let mut buf = [0u8; 4096];
         let _ = tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buf)).await;
+    } else {
+        // Whatever has arrived already, without waiting: less unread input to turn the
+        // close into a reset.
+        let _ = stream.try_read(&mut buf);
     }
     let e = ProxyError::new(ErrorKind::TooManyConnections, why);
     state.metrics.count_connect("deny", e.kind.code());
