@@ -15,29 +15,45 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::error::{ProxyBody, full_body};
 use crate::proxy::ProxyState;
+use crate::proxy::listener::Acceptor;
+
+/// Admin connections served at once. Further ones wait in the listen backlog, where they
+/// hold no descriptor of ours: the admin listener's descriptors are bounded, and they are
+/// kept out of the agent connections' share (`app::connection_cap`), so probes keep
+/// answering while the proxy listener is at its cap.
+pub(crate) const ADMIN_CONNECTIONS: usize = 16;
 
 /// Serves the admin endpoints until the process exits.
 pub async fn serve(listener: TcpListener, state: Arc<ProxyState>) {
     let ca_pem = Bytes::from(state.leaves.ca().cert_pem().to_owned());
+    let slots = Arc::new(Semaphore::new(ADMIN_CONNECTIONS));
+    let mut acceptor = Acceptor::new(listener, "admin");
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            continue;
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
         };
+        // A connection accepted on the spare descriptor is served too: a probe answered
+        // while the proxy is out of descriptors is the point of the spare.
+        let stream = acceptor.accept().await.stream;
         let (state, ca_pem) = (state.clone(), ca_pem.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let response = route(&req, &state, &ca_pem);
                 async move { Ok::<_, Infallible>(response) }
             });
+            // One request per connection: a slot is free again as soon as its answer is
+            // sent, so idle keep-alive connections cannot hold the slots a probe needs.
             let _ = http1::Builder::new()
                 .timer(TokioTimer::new())
+                .keep_alive(false)
                 .header_read_timeout(std::time::Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
+            drop(slot);
         });
     }
 }

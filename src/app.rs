@@ -15,7 +15,7 @@ use crate::ca::{BottleCa, CaOrigin, LeafCache};
 use crate::chain::ProxyUrl;
 use crate::config::Config;
 use crate::proxy::{ClientLimits, ProxyState};
-use crate::reload::{Reloader, Trigger};
+use crate::reload::{RoutesWatch, Trigger};
 use crate::routes::Host;
 use crate::upstream::{Upstream, UpstreamSettings};
 
@@ -27,7 +27,21 @@ pub async fn run(config: Config) -> Result<(), String> {
     // Handlers first: a SIGHUP that arrived before them would end the process.
     let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT])
         .map_err(|e| format!("installing signal handlers: {e}"))?;
-    let routes = crate::reload::load_routes(&config.routes)?;
+    // Raised before the routes, the CA and the listeners; the cap below is fitted to it.
+    let open_files_limit = match crate::sys::raise_open_files_limit() {
+        Ok((limit, None)) => Some(limit),
+        Ok((limit, Some(why))) => {
+            tracing::warn!(error = %why, open_files_limit = limit, "could not raise the open-files limit to its hard limit");
+            Some(limit)
+        }
+        Err(why) => {
+            tracing::warn!(error = %why, "could not read the open-files limit");
+            None
+        }
+    };
+    // The watch before the first read: a change made while the rest starts is not lost.
+    let watch = RoutesWatch::start(config.routes.clone())?;
+    let (routes, routes_bytes) = watch.load()?;
     let (ca, origin) = BottleCa::load_or_mint(&config.ca_dir).map_err(|e| e.to_string())?;
     if let Some(dir) = &config.ca_export {
         ca.export(dir).map_err(|e| format!("--ca-export: {e}"))?;
@@ -71,12 +85,29 @@ pub async fn run(config: Config) -> Result<(), String> {
     );
     upstream.spawn_reaper();
     let leaves = LeafCache::new(ca, LEAF_CACHE_CAPACITY).map_err(|e| e.to_string())?;
+    // Counted now, with the listeners, the routes watch and the log open.
+    let max_connections = match (open_files_limit, crate::sys::open_descriptors()) {
+        (Some(limit), Some(open)) => {
+            let cap = connection_cap(config.max_connections, limit, open);
+            if cap < config.max_connections {
+                tracing::warn!(
+                    event = "connection_cap",
+                    open_files_limit = limit,
+                    max_connections = config.max_connections,
+                    capped_at = cap,
+                    "the open-files limit leaves room for fewer agent connections than --max-connections; capping them (raise the container's nofile limit to serve more)"
+                );
+            }
+            cap
+        }
+        _ => config.max_connections,
+    };
     let limits = ClientLimits {
         client_timeout: config.client_timeout,
         idle_timeout: config.idle_timeout,
         body_idle_timeout: config.response_timeout,
         max_header_bytes: config.max_header_bytes,
-        max_connections: config.max_connections,
+        max_connections,
         max_concurrent_streams: 256,
     };
     let route_count = routes.routes().len();
@@ -88,13 +119,15 @@ pub async fn run(config: Config) -> Result<(), String> {
         listen = %bound_listen,
         admin = %bound_admin,
         routes = route_count,
+        max_connections,
+        open_files_limit,
         routes_file = %config.routes.display(),
         ca = if origin == CaOrigin::Minted { "minted" } else { "loaded" },
         ca_dir = %config.ca_dir.display(),
         "egress-proxy serving"
     );
     tokio::spawn(crate::admin::serve(admin, state.clone()));
-    let reloader = Reloader::start(state.clone(), config.routes.clone())?;
+    let reloader = watch.serve(state.clone(), routes_bytes);
     let until_stop = async {
         while let Some(signal) = signals.next().await {
             if signal == SIGHUP {
@@ -107,6 +140,26 @@ pub async fn run(config: Config) -> Result<(), String> {
     crate::proxy::listener::serve(listener, state.clone(), until_stop).await;
     drain(&state, config.shutdown_grace, &mut signals).await;
     Ok(())
+}
+
+/// Descriptors an agent connection may need: its own, and its upstream connection's.
+const DESCRIPTORS_PER_CONNECTION: u64 = 2;
+
+/// Descriptors kept out of the agent connections' share, beyond those open at start
+/// (standard streams, the runtime, the listeners, the routes watch): the admin listener's
+/// connections, the refusals waiting for a request, and room for the rest (routes and
+/// token files read on reload, name lookups, upstream connections the pool keeps idle
+/// after their agent left).
+const RESERVED_DESCRIPTORS: u64 =
+    crate::admin::ADMIN_CONNECTIONS as u64 + crate::proxy::listener::REFUSALS_AT_ONCE as u64 + 64;
+
+/// How many agent connections fit in `open_files_limit` descriptors with `open_now`
+/// already open: the connection cap is met (503) before descriptors run out, whatever
+/// `--max-connections` asked for. At least one.
+fn connection_cap(requested: usize, open_files_limit: u64, open_now: usize) -> usize {
+    let spare = open_files_limit.saturating_sub(open_now as u64 + RESERVED_DESCRIPTORS);
+    let fit = usize::try_from(spare / DESCRIPTORS_PER_CONNECTION).unwrap_or(usize::MAX);
+    requested.min(fit).max(1)
 }
 
 /// Lets in-flight requests finish for up to `grace`; a second SIGTERM/SIGINT ends it at once.
@@ -185,5 +238,24 @@ async fn refuse_proxy_loop(
             "upstream proxy {proxy} (from --upstream-proxy or HTTPS_PROXY) is this proxy's own listener {a}; unset HTTPS_PROXY for the sidecar or name the real upstream proxy"
         )),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{RESERVED_DESCRIPTORS, connection_cap};
+
+    #[test]
+    fn the_cap_fits_two_descriptors_a_connection_in_what_is_left() {
+        // 256 open files, 12 open at start: what is left after the reserve, halved.
+        let left = 256 - 12 - RESERVED_DESCRIPTORS as usize;
+        assert_eq!(connection_cap(4096, 256, 12), left / 2);
+        // A limit with room to spare leaves --max-connections as asked.
+        assert_eq!(connection_cap(4096, 1 << 20, 12), 4096);
+        assert_eq!(connection_cap(100, 256, 12), 100.min(left / 2));
+        // A limit below the reserve still serves one connection rather than none.
+        assert_eq!(connection_cap(4096, 64, 12), 1);
+        // RLIM_INFINITY does not overflow.
+        assert_eq!(connection_cap(4096, u64::MAX, 12), 4096);
     }
 }

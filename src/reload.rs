@@ -75,8 +75,16 @@ fn describe_read_error(path: &Path, e: &io::Error) -> String {
 
 /// Reads and validates a routes file, reading every token it names.
 pub fn load_routes(path: &Path) -> Result<RouteTable, String> {
+    load_routes_with_bytes(path).map(|(table, _)| table)
+}
+
+/// [`load_routes`], and the bytes the table was parsed from (one read of the file), so a
+/// later change is measured against exactly what is in force.
+fn load_routes_with_bytes(path: &Path) -> Result<(RouteTable, Vec<u8>), String> {
     let text = read_limited(path).map_err(|e| describe_read_error(path, &e))?;
-    RouteTable::from_text(&text, &ProcessSecrets).map_err(|e| format!("{}: {e}", path.display()))
+    let table = RouteTable::from_text(&text, &ProcessSecrets)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((table, text.into_bytes()))
 }
 
 /// What asked for a reload.
@@ -101,10 +109,29 @@ pub struct Reloader {
     tx: mpsc::Sender<Trigger>,
 }
 
-impl Reloader {
-    /// Starts the reload task and the directory watch. `initial` is the text the
-    /// running table was loaded from, so an unchanged file is not reloaded.
-    pub fn start(state: Arc<ProxyState>, path: PathBuf) -> Result<Reloader, String> {
+/// The watch on the routes file's directory, started before the routes are first read
+/// (SPEC §5): a change made while the proxy is still starting (its CA key being read, its
+/// listeners bound) is an event queued here, and the reload task applies it as soon as it
+/// runs. Watching only after the first read would miss a change made in between, and
+/// the running table would stay stale until a SIGHUP.
+pub struct RoutesWatch {
+    path: PathBuf,
+    tx: mpsc::Sender<Trigger>,
+    rx: mpsc::Receiver<Trigger>,
+    watcher: notify::RecommendedWatcher,
+}
+
+impl std::fmt::Debug for RoutesWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RoutesWatch")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RoutesWatch {
+    /// Starts watching the directory of the routes file at `path`.
+    pub fn start(path: PathBuf) -> Result<RoutesWatch, String> {
         let (tx, rx) = mpsc::channel::<Trigger>(64);
         let watch_tx = tx.clone();
         let dir = match path.parent() {
@@ -121,11 +148,36 @@ impl Reloader {
         watcher
             .watch(&dir, notify::RecursiveMode::NonRecursive)
             .map_err(|e| format!("watching {}: {e}", dir.display()))?;
-        let initial = fs::read(&path).ok();
-        tokio::spawn(run(state, path, rx, watcher, initial));
-        Ok(Reloader { tx })
+        Ok(RoutesWatch {
+            path,
+            tx,
+            rx,
+            watcher,
+        })
     }
 
+    /// The first read of the routes, with the watch already in place: the table, and
+    /// the bytes it was parsed from (for [`RoutesWatch::serve`]).
+    pub fn load(&self) -> Result<(RouteTable, Vec<u8>), String> {
+        load_routes_with_bytes(&self.path)
+    }
+
+    /// Starts the reload task. `initial` is what [`RoutesWatch::load`] read: the file is
+    /// reloaded when its bytes differ from those, including for a change that happened
+    /// before this call.
+    pub fn serve(self, state: Arc<ProxyState>, initial: Vec<u8>) -> Reloader {
+        let RoutesWatch {
+            path,
+            tx,
+            rx,
+            watcher,
+        } = self;
+        tokio::spawn(run(state, path, rx, watcher, Some(initial)));
+        Reloader { tx }
+    }
+}
+
+impl Reloader {
     /// Asks for a reload (SIGHUP).
     pub fn trigger(&self, trigger: Trigger) {
         let _ = self.tx.try_send(trigger);

@@ -1,7 +1,8 @@
 //! The few operating-system calls the standard library does not offer: the machine's own
 //! interface addresses (so "the proxy itself" covers every address an unspecified
-//! listener answers on), and keeping the tokens in memory out of core dumps and out of
-//! reach of same-user debuggers.
+//! listener answers on), keeping the tokens in memory out of core dumps and out of
+//! reach of same-user debuggers, and the open-files limit (every agent connection costs
+//! descriptors; the connection cap must fit in it, SPEC §4a).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -66,6 +67,50 @@ pub fn harden_process() -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Raises the soft open-files limit (`RLIMIT_NOFILE`) to the hard limit, which an
+/// unprivileged process may do: a container's soft limit is often 1024 while its hard
+/// limit is far higher. Returns the soft limit in force afterwards and, when it could not
+/// be raised, why (naming the call); `Err` when the limit cannot even be read.
+pub fn raise_open_files_limit() -> Result<(u64, Option<String>), String> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read or fill a struct that lives for the call.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(format!(
+                "getrlimit(RLIMIT_NOFILE): {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        if limit.rlim_cur >= limit.rlim_max {
+            return Ok((limit.rlim_cur, None));
+        }
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+            let why = format!(
+                "setrlimit(RLIMIT_NOFILE, {}): {}",
+                limit.rlim_max,
+                std::io::Error::last_os_error()
+            );
+            return Ok((limit.rlim_cur, Some(why)));
+        }
+    }
+    Ok((limit.rlim_max, None))
+}
+
+/// How many descriptors the process has open now (`None` if /proc will not say).
+pub fn open_descriptors() -> Option<usize> {
+    // The directory's own descriptor, open while it is listed, is not counted.
+    std::fs::read_dir("/proc/self/fd")
+        .ok()
+        .map(|entries| entries.count().saturating_sub(1))
 }
 
 #[cfg(test)]

@@ -817,3 +817,206 @@ async fn a_new_hosts_leaf_is_minted_when_its_tunnel_opens_not_after_the_client_h
     }
     assert_eq!(misses, 1.0);
 }
+
+/// SPEC §5: the watch is in place before the routes are first read. The proxy is held in
+/// start-up, after its routes are read, by a CA key that is a named pipe: its read
+/// blocks until the test writes the key. In between, the routes file changes; the
+/// proxy must serve the new routes without a SIGHUP.
+#[tokio::test]
+async fn a_routes_change_during_start_up_is_applied() {
+    let ca = TestCa::new("ca");
+    let up = Upstream::start(&ca, &["api.test", "b.test"], &[b"http/1.1"]).await;
+    let port = up.port();
+    // A CA minted by the binary itself, its key then put behind a pipe.
+    let work = tempfile::tempdir().unwrap();
+    let ca_dir = work.path().join("ca");
+    let minted = std::process::Command::new(BIN)
+        .args(["ca", "init", "--ca-dir"])
+        .arg(&ca_dir)
+        .output()
+        .unwrap();
+    assert!(minted.status.success(), "{minted:?}");
+    let key_path = ca_dir.join("ca-key.pem");
+    let key = std::fs::read(&key_path).unwrap();
+    std::fs::remove_file(&key_path).unwrap();
+    let fifo = std::ffi::CString::new(key_path.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    let routes_dir = work.path().join("routes");
+    std::fs::create_dir(&routes_dir).unwrap();
+    let routes_path = routes_dir.join("routes.yaml");
+    std::fs::write(&routes_path, routes(port, &["/v1"], false)).unwrap();
+    let new_routes = routes(port, &["/v1"], true);
+    let writer_routes = routes_path.clone();
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        // The write end opens (without blocking) once the proxy has opened the read end:
+        // by then it has read its routes, and it is held in start-up until the key comes.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut pipe = loop {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&key_path)
+            {
+                Ok(p) => break p,
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("the proxy never read its CA key: {e}"),
+            }
+        };
+        replace_file(&writer_routes, &new_routes);
+        // Long enough for the change to be seen by a watch that is in place.
+        std::thread::sleep(Duration::from_millis(500));
+        // Less than a pipe's buffer: written at once even on a non-blocking pipe.
+        pipe.write_all(&key).unwrap();
+    });
+    let start = tokio::task::spawn_blocking(move || {
+        ProxyBuilder::new("")
+            .routes_path(routes_path)
+            .ca_dir(ca_dir)
+            .upstream(&ca, &[("api.test", port), ("b.test", port)])
+            .env("OPS_TOKEN", TOKEN)
+            .start()
+    });
+    let proxy = start.await.unwrap();
+    writer.join().unwrap();
+    let b = format!("b.test:{port}");
+    let took = within(Duration::from_secs(3), || async {
+        connect_status(&proxy, &b).await == 200
+    })
+    .await;
+    assert!(
+        took.is_some(),
+        "the change made during start-up was lost: {}",
+        proxy.logs()
+    );
+    assert_eq!(reloads_ok(&proxy).await, 1.0, "{}", proxy.logs());
+}
+
+/// Writes a byte every 100 ms until the connection fails or 10 s pass: input the proxy
+/// has not read when it closes the connection, so its close lingers.
+fn trickle<W>(mut w: W) -> tokio::task::JoinHandle<()>
+where
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use tokio::io::AsyncWriteExt;
+    tokio::spawn(async move {
+        for _ in 0..100 {
+            if w.write_all(b"x").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+/// SPEC §5: with nothing in flight the process exits within 3 s of SIGTERM whatever is
+/// open, under a 30 s grace: bare TCP connections, CONNECTs not followed by TLS, TLS
+/// without a request, HTTP/1.1 keep-alive after a request, HTTP/2 clients whose
+/// connection is driven (they answer PING) with no open stream, and some of each kind
+/// with input the proxy never read (its close lingers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_only_idle_connections_exits_within_three_seconds() {
+    use tokio::io::AsyncWriteExt;
+    let ca = TestCa::new("ca");
+    let up = Upstream::start(&ca, &["api.test"], &[b"h2", b"http/1.1"]).await;
+    let port = up.port();
+    let proxy = ProxyBuilder::new(&routes(port, &["/v1"], false))
+        .upstream(&ca, &[("api.test", port)])
+        .env("OPS_TOKEN", TOKEN)
+        .arg("--shutdown-grace")
+        .arg("30")
+        .start();
+    let h = format!("api.test:{port}");
+    let mut held_tcp = Vec::new();
+    let mut held_tls = Vec::new();
+    let mut h1_clients = Vec::new();
+    let mut h2_clients = Vec::new();
+    let mut trickles = Vec::new();
+    for i in 0..10 {
+        // A bare TCP connection, silent or sending bytes that never make a head.
+        let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        if i < 3 {
+            tcp.write_all(b"GET http://api.test/ HTTP/1.1\r\nx-slow: ")
+                .await
+                .unwrap();
+            trickles.push(trickle(tcp));
+        } else {
+            held_tcp.push(tcp);
+        }
+        // A CONNECT not followed by TLS.
+        let (status, _, tcp) = proxy.connect(&h).await;
+        assert_eq!(status, 200);
+        if i < 3 {
+            trickles.push(trickle(tcp));
+        } else {
+            held_tcp.push(tcp);
+        }
+        // TLS with no request yet.
+        let tls = proxy.tunnel("api.test", port, &[b"http/1.1"]).await;
+        if i < 3 {
+            trickles.push(trickle(tls));
+        } else {
+            held_tls.push(tls);
+        }
+        // HTTP/1.1 keep-alive after one request.
+        let mut c = h1(proxy.tunnel("api.test", port, &[b"http/1.1"]).await).await;
+        let r = c
+            .send_request(get(&h, "/v1/x").body(empty()).unwrap())
+            .await;
+        assert!(complete_200(r).await);
+        h1_clients.push(c);
+        // HTTP/2, its connection driven by a task, with no stream open.
+        let mut c = h2(proxy.tunnel("api.test", port, &[b"h2"]).await).await;
+        let r = c
+            .send_request(
+                Request::builder()
+                    .uri(format!("https://{h}/v1/x"))
+                    .body(empty())
+                    .unwrap(),
+            )
+            .await;
+        assert!(complete_200(r).await);
+        h2_clients.push(c);
+    }
+    // An HTTP/1.1 tunnel after a request whose agent keeps sending (a next head it
+    // never finishes).
+    for _ in 0..3 {
+        let mut tls = proxy.tunnel("api.test", port, &[b"http/1.1"]).await;
+        tls.write_all(format!("GET /v1/x HTTP/1.1\r\nhost: {h}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::io::AsyncReadExt::read(&mut tls, &mut buf)
+            .await
+            .unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        tls.write_all(format!("GET /v1/x HTTP/1.1\r\nhost: {h}\r\nx-slow: ").as_bytes())
+            .await
+            .unwrap();
+        trickles.push(trickle(tls));
+    }
+    let started = Instant::now();
+    proxy.signal("TERM");
+    let mut proxy = proxy;
+    let (code, logs) = tokio::task::spawn_blocking(move || {
+        let code = proxy.wait_exit(Duration::from_secs(10));
+        (code, proxy.logs())
+    })
+    .await
+    .unwrap();
+    let took = started.elapsed();
+    eprintln!("exit {took:?} after SIGTERM");
+    assert_eq!(code, Some(0), "took {took:?}; logs: {logs}");
+    assert!(
+        took < Duration::from_secs(3),
+        "idle connections held the exit for {took:?}"
+    );
+    drop((held_tcp, held_tls, h1_clients, h2_clients));
+    for t in trickles {
+        t.abort();
+    }
+}

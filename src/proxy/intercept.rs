@@ -70,9 +70,14 @@ pub async fn run(upgraded: Upgraded, authority: Authority, conn: ClientConn, sta
     let handshake = tokio::time::timeout(
         state.limits.client_timeout,
         Box::pin(accept_tls(io, &authority.host, leaf)),
-    )
-    .await
-    .unwrap_or_else(|_| Err(TlsFailure::Handshake("TLS handshake timed out".into())));
+    );
+    // A tunnel with no request yet is idle: a shutdown closes it at once (SPEC §5)
+    // instead of waiting out the client timeout for a ClientHello.
+    let handshake = tokio::select! {
+        done = handshake => done
+            .unwrap_or_else(|_| Err(TlsFailure::Handshake("TLS handshake timed out".into()))),
+        _ = state.shutdown_begun() => Err(TlsFailure::Handshake("the proxy is shutting down".into())),
+    };
     let metrics = state.metrics.clone();
     let outcome = match handshake {
         Err(f) => Some(f),

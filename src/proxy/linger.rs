@@ -7,7 +7,9 @@
 //! not read yet: the tail of a response the proxy sent completely. Web servers "linger"
 //! (nginx's `lingering_close`); so does this: on drop, the write side is shut (FIN), and
 //! what still arrives is read and discarded until the agent closes too or [`LINGER`]
-//! passes. The connection counts as open until then, so a draining shutdown waits for it.
+//! passes. The connection counts as open until then, so a draining shutdown waits for it;
+//! once the proxy is shutting down a linger lasts at most [`SHUTDOWN_LINGER`], so that
+//! with nothing in flight the process exits within 3 s of SIGTERM (SPEC §5).
 
 use std::io;
 use std::pin::Pin;
@@ -22,6 +24,12 @@ use super::OpenConnection;
 
 /// How long a closed connection keeps reading what the agent still sends.
 const LINGER: Duration = Duration::from_secs(3);
+
+/// How long a linger may still last once the proxy is shutting down (from the moment the
+/// shutdown began or the linger started, whichever is later). An idle connection is closed
+/// at most [`super::IDLE_CLOSE_ON_SHUTDOWN`] after SIGTERM; this keeps its close within
+/// the 3 s the process has to exit.
+pub(super) const SHUTDOWN_LINGER: Duration = Duration::from_secs(1);
 
 /// An agent's TCP connection that lingers when dropped (see the module doc).
 #[derive(Debug)]
@@ -66,7 +74,19 @@ impl Drop for LingeringTcp {
         };
         let open = self.open.take();
         runtime.spawn(async move {
-            linger(stream).await;
+            match &open {
+                Some(o) => {
+                    let cut_short = async {
+                        o.state.shutdown_begun().await;
+                        tokio::time::sleep(SHUTDOWN_LINGER).await;
+                    };
+                    tokio::select! {
+                        _ = linger(stream) => {}
+                        _ = cut_short => {}
+                    }
+                }
+                None => linger(stream).await,
+            }
             drop(open);
         });
     }

@@ -26,6 +26,150 @@ use crate::destination;
 use crate::error::{ErrorKind, ProxyBody, ProxyError, empty_body};
 use crate::policy::{Authority, TargetError, parse_target};
 
+/// Refusals (503 `too_many_connections`) that may wait for the agent's request before
+/// answering, at once. Each holds a descriptor, so their number is part of the
+/// descriptor budget (`app::connection_cap`); beyond it a refusal is answered at once.
+pub(crate) const REFUSALS_AT_ONCE: usize = 32;
+
+/// The first accept failure after the last success pauses this long; each further one
+/// twice as long, up to [`ACCEPT_PAUSE_MAX`].
+const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
+
+/// How often a listener without its spare descriptor tries to take it back.
+const SPARE_RETRY: Duration = Duration::from_millis(100);
+
+/// A listener's accept loop, for what happens when accepting fails.
+///
+/// Out of descriptors, the kernel leaves the connection in the backlog and fails every
+/// accept until one is freed: the agent would hang unanswered and `/healthz` stop
+/// answering. The connection cap keeps that from happening in the normal run of things
+/// (`app::connection_cap`), but an agent can still cost more than its share (an HTTP/2
+/// connection whose streams each need their own upstream connection). So each listener
+/// holds one spare descriptor: out of descriptors, it gives the spare up to accept one
+/// connection anyway (the proxy listener answers it 503, the admin listener serves it),
+/// and takes it back once descriptors are free again.
+///
+/// Failures come in bursts: the first of a burst is logged and the rest only counted,
+/// and each pauses a little longer than the one before, so a failing accept neither
+/// spins nor floods the log. The next ordinary accept ends the burst and says how many
+/// failed.
+pub(crate) struct Acceptor {
+    listener: TcpListener,
+    name: &'static str,
+    failed: u64,
+    pause: Duration,
+    spare: Option<std::fs::File>,
+    /// False when the spare cannot be opened for another reason than a lack of
+    /// descriptors (no `/dev/null`): then there is none to wait for either.
+    spare_possible: bool,
+}
+
+/// An accepted connection.
+pub(crate) struct Accepted {
+    pub(crate) stream: TcpStream,
+    pub(crate) peer: SocketAddr,
+    /// Accepted on the spare descriptor: none other was left.
+    pub(crate) on_spare: bool,
+}
+
+impl Acceptor {
+    pub(crate) fn new(listener: TcpListener, name: &'static str) -> Acceptor {
+        let mut acceptor = Acceptor {
+            listener,
+            name,
+            failed: 0,
+            pause: ACCEPT_PAUSE_MIN,
+            spare: None,
+            spare_possible: true,
+        };
+        acceptor.take_spare();
+        acceptor
+    }
+
+    /// Opens the spare descriptor if it is missing and can be had.
+    fn take_spare(&mut self) {
+        if self.spare.is_some() || !self.spare_possible {
+            return;
+        }
+        match std::fs::File::open("/dev/null") {
+            Ok(f) => self.spare = Some(f),
+            Err(e) => self.spare_possible = out_of_descriptors(&e),
+        }
+    }
+
+    /// The next connection; failures are retried after their pause.
+    pub(crate) async fn accept(&mut self) -> Accepted {
+        loop {
+            self.take_spare();
+            let accepted = match self.spare {
+                _ if !self.spare_possible => self.listener.accept().await,
+                Some(_) => self.listener.accept().await,
+                // Without its spare the listener takes it back as soon as a descriptor is
+                // free, not only at its next connection.
+                None => match tokio::time::timeout(SPARE_RETRY, self.listener.accept()).await {
+                    Ok(accepted) => accepted,
+                    Err(_) => continue,
+                },
+            };
+            let e = match accepted {
+                Ok((stream, peer)) => {
+                    self.succeeded();
+                    return Accepted {
+                        stream,
+                        peer,
+                        on_spare: false,
+                    };
+                }
+                Err(e) => e,
+            };
+            if out_of_descriptors(&e)
+                && self.spare.take().is_some()
+                && let Ok((stream, peer)) = self.listener.accept().await
+            {
+                // Progress: the next failure need not wait long.
+                self.pause = ACCEPT_PAUSE_MIN;
+                self.log_burst_start(&e);
+                return Accepted {
+                    stream,
+                    peer,
+                    on_spare: true,
+                };
+            }
+            self.failed(&e).await;
+        }
+    }
+
+    fn log_burst_start(&mut self, e: &std::io::Error) {
+        if self.failed == 0 {
+            tracing::warn!(listener = self.name, error = %e, "accept failed; backing off until it succeeds again");
+        }
+        self.failed += 1;
+    }
+
+    async fn failed(&mut self, e: &std::io::Error) {
+        self.log_burst_start(e);
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).min(ACCEPT_PAUSE_MAX);
+    }
+
+    fn succeeded(&mut self) {
+        if self.failed > 0 {
+            tracing::info!(
+                listener = self.name,
+                failed = self.failed,
+                "accepting again"
+            );
+            self.failed = 0;
+            self.pause = ACCEPT_PAUSE_MIN;
+        }
+    }
+}
+
+fn out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
+}
+
 /// Accepts connections until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
@@ -33,23 +177,36 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let mut shutdown = std::pin::pin!(shutdown);
+    let mut acceptor = Acceptor::new(listener, "proxy");
     loop {
-        let accepted = tokio::select! {
+        let Accepted {
+            stream,
+            peer: client,
+            on_spare,
+        } = tokio::select! {
             _ = shutdown.as_mut() => return,
-            a = listener.accept() => a,
-        };
-        let (stream, client) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+            a = acceptor.accept() => a,
         };
         let _ = stream.set_nodelay(true);
+        if on_spare {
+            // Its descriptor is the spare: answered at once, so it is free again soon.
+            let why = "the proxy has no file descriptor left".to_owned();
+            tokio::spawn(refuse_over_limit(stream, client, state.clone(), None, why));
+            continue;
+        }
         let Ok(slot) = state.connection_slots.clone().try_acquire_owned() else {
-            tokio::spawn(refuse_over_limit(stream, client, state.clone()));
+            let may_wait = state.refusal_slots.clone().try_acquire_owned().ok();
+            let why = format!(
+                "{} agent connections are open already",
+                state.limits.max_connections
+            );
+            tokio::spawn(refuse_over_limit(
+                stream,
+                client,
+                state.clone(),
+                may_wait,
+                why,
+            ));
             continue;
         };
         state.metrics.open_connections.inc();
@@ -71,17 +228,24 @@ pub async fn serve(
 }
 
 /// Answers 503 `too_many_connections` once the cap is reached: read what the client
-/// sent (briefly), answer, close.
-async fn refuse_over_limit(mut stream: TcpStream, client: SocketAddr, state: Arc<ProxyState>) {
+/// sent (briefly, when `may_wait` holds one of the [`REFUSALS_AT_ONCE`] slots, so the
+/// close does not reset the answer away), answer, close.
+async fn refuse_over_limit(
+    mut stream: TcpStream,
+    client: SocketAddr,
+    state: Arc<ProxyState>,
+    may_wait: Option<tokio::sync::OwnedSemaphorePermit>,
+    why: String,
+) {
     let mut buf = [0u8; 4096];
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buf)).await;
-    let e = ProxyError::new(
-        ErrorKind::TooManyConnections,
-        format!(
-            "{} agent connections are open already",
-            state.limits.max_connections
-        ),
-    );
+    if may_wait.is_some() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buf)).await;
+    } else {
+        // Whatever has arrived already, without waiting: less unread input to turn the
+        // close into a reset.
+        let _ = stream.try_read(&mut buf);
+    }
+    let e = ProxyError::new(ErrorKind::TooManyConnections, why);
     state.metrics.count_connect("deny", e.kind.code());
     tracing::warn!(target: "egress_proxy::audit", event = "connect", client = %client, decision = "deny", reason = e.kind.code(), status = 503u16);
     // No HTTP server runs on this connection, so the one response is written by hand.
@@ -101,6 +265,7 @@ async fn refuse_over_limit(mut stream: TcpStream, client: SocketAddr, state: Arc
     let _ = stream.write_all(head.as_bytes()).await;
     let _ = stream.write_all(&body).await;
     let _ = stream.shutdown().await;
+    drop(may_wait);
 }
 
 async fn serve_client(stream: TcpStream, conn: ClientConn) {

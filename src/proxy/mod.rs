@@ -70,6 +70,8 @@ pub struct ProxyState {
     pub own_listeners: Vec<SocketAddr>,
     pub metrics: Arc<Metrics>,
     connection_slots: Arc<Semaphore>,
+    /// Refusals that may wait for the agent's request (`listener::REFUSALS_AT_ONCE`).
+    refusal_slots: Arc<Semaphore>,
     /// Flips to `true` when the proxy starts shutting down.
     shutdown: watch::Sender<bool>,
     next_connection_id: AtomicU64,
@@ -96,6 +98,7 @@ impl ProxyState {
             leaves,
             upstream,
             connection_slots: Arc::new(Semaphore::new(limits.max_connections)),
+            refusal_slots: Arc::new(Semaphore::new(listener::REFUSALS_AT_ONCE)),
             shutdown: watch::Sender::new(false),
             limits,
             own_listeners,
@@ -114,6 +117,13 @@ impl ProxyState {
 
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown.subscribe()
+    }
+
+    /// Resolves once the proxy has begun shutting down (at once if it has).
+    pub async fn shutdown_begun(&self) {
+        let mut rx = self.shutdown.subscribe();
+        // The sender lives in `self`, which is borrowed here: this cannot fail.
+        let _ = rx.wait_for(|down| *down).await;
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -172,6 +182,15 @@ impl Drop for InFlight {
     }
 }
 
+/// How long a connection with nothing in flight may take to close by itself once the
+/// proxy shuts down (an HTTP/2 GOAWAY and its PING answered, a keep-alive close flushed)
+/// before it is dropped. With [`linger::SHUTDOWN_LINGER`] after it, an idle connection is
+/// gone within 3 s of SIGTERM (SPEC §5).
+const IDLE_CLOSE_ON_SHUTDOWN: Duration = Duration::from_millis(500);
+
+/// How often a draining connection checks whether its last request has finished.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+
 /// Drives a server connection until it ends, closing it once it has had no request in
 /// flight for `idle`.
 /// `graceful` starts the connection's own graceful shutdown (hyper's `graceful_shutdown`),
@@ -192,6 +211,7 @@ pub async fn drive_connection<C, G>(
 {
     if *shutdown.borrow() {
         graceful(conn.as_mut());
+        return drain_connection(conn, activity).await;
     }
     loop {
         let deadline = activity
@@ -202,8 +222,7 @@ pub async fn drive_connection<C, G>(
             changed = shutdown.changed() => {
                 if changed.is_err() || *shutdown.borrow() {
                     graceful(conn.as_mut());
-                    conn.as_mut().await;
-                    return;
+                    return drain_connection(conn, activity).await;
                 }
             }
             _ = tokio::time::sleep_until(deadline) => {
@@ -214,6 +233,36 @@ pub async fn drive_connection<C, G>(
                     return;
                 }
             }
+        }
+    }
+}
+
+/// How long a connection whose last request finished during the drain may take to close
+/// by itself: the end of that response may still be on its way to a slow reader.
+const DRAINED_CLOSE_ON_SHUTDOWN: Duration = Duration::from_secs(3);
+
+/// The end of a connection told to shut down gracefully: its requests in flight finish
+/// (the proxy's grace period bounds them), and once none is, it gets a moment to close by
+/// itself ([`IDLE_CLOSE_ON_SHUTDOWN`], or [`DRAINED_CLOSE_ON_SHUTDOWN`] if a request
+/// was still running when the shutdown began) and is then dropped. Waiting for the
+/// connection alone would let an idle one hold the exit for the whole grace: hyper's
+/// HTTP/2 graceful shutdown waits on the client after its GOAWAY, and a half-sent head
+/// waits out the head timeout.
+async fn drain_connection<C: Future>(mut conn: Pin<Box<C>>, activity: &Activity) {
+    let mut close_wait = IDLE_CLOSE_ON_SHUTDOWN;
+    loop {
+        if activity.in_flight.load(Ordering::Acquire) == 0 {
+            let closed = tokio::time::timeout(close_wait, conn.as_mut()).await;
+            // A head half-read when the shutdown began may have become a request
+            // meanwhile: that one is in flight, and finishes like the others.
+            if closed.is_ok() || activity.in_flight.load(Ordering::Acquire) == 0 {
+                return;
+            }
+        }
+        close_wait = DRAINED_CLOSE_ON_SHUTDOWN;
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = tokio::time::sleep(DRAIN_POLL) => {}
         }
     }
 }

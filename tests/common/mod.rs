@@ -457,6 +457,8 @@ pub struct ProxyBuilder {
     self_proxy: bool,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    ca_dir: Option<PathBuf>,
+    open_files: Option<(u64, u64)>,
 }
 
 impl ProxyBuilder {
@@ -467,7 +469,22 @@ impl ProxyBuilder {
             self_proxy: false,
             args: Vec::new(),
             env: Vec::new(),
+            ca_dir: None,
+            open_files: None,
         }
+    }
+
+    /// Uses this CA directory (made by the test) instead of a fresh one.
+    pub fn ca_dir(mut self, dir: PathBuf) -> Self {
+        self.ca_dir = Some(dir);
+        self
+    }
+
+    /// Starts the proxy with this soft and hard open-files limit (RLIMIT_NOFILE), the way
+    /// a container runtime would hand them to it.
+    pub fn open_files_limit(mut self, soft: u64, hard: u64) -> Self {
+        self.open_files = Some((soft, hard));
+        self
     }
 
     /// Sets HTTPS_PROXY to the proxy's own listener (the loop a sidecar inheriting the
@@ -529,6 +546,7 @@ impl ProxyBuilder {
         // of another test's connection). Only the self-loop case needs its port up front,
         // and that proxy refuses to start before it binds anything.
         let port = if self.self_proxy { free_port() } else { 0 };
+        let ca_dir = self.ca_dir.clone().unwrap_or_else(|| dir.path().join("ca"));
         let mut cmd = Command::new(BIN);
         cmd.arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
@@ -537,7 +555,7 @@ impl ProxyBuilder {
             .arg("--routes")
             .arg(&routes)
             .arg("--ca-dir")
-            .arg(dir.path().join("ca"))
+            .arg(&ca_dir)
             .args(&self.args)
             .env_remove("HTTPS_PROXY")
             .env_remove("https_proxy")
@@ -552,6 +570,23 @@ impl ProxyBuilder {
         }
         if self.self_proxy {
             cmd.env("HTTPS_PROXY", format!("http://localhost:{port}"));
+        }
+        if let Some((soft, hard)) = self.open_files {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit {
+                rlim_cur: soft as libc::rlim_t,
+                rlim_max: hard as libc::rlim_t,
+            };
+            // SAFETY: between fork and exec only setrlimit runs, which is
+            // async-signal-safe and reads a struct copied into the closure.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let mut child = cmd.spawn().unwrap();
         let log = Arc::new(Mutex::new(String::new()));
@@ -586,7 +621,7 @@ impl ProxyBuilder {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        let ca_pem = std::fs::read_to_string(dir.path().join("ca").join("ca-cert.pem")).unwrap();
+        let ca_pem = std::fs::read_to_string(ca_dir.join("ca-cert.pem")).unwrap();
         Ok(Proxy {
             child,
             addr,
