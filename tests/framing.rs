@@ -137,3 +137,144 @@ async fn an_http2_request_s_trailers_lose_the_agent_s_credentials() {
         assert_trailers_stripped(name, &json(&body));
     }
 }
+
+/// A clean POST with a two-byte body.
+fn clean(h: &str, path: &str) -> String {
+    format!("POST {path} HTTP/1.1\r\nHost: {h}\r\nContent-Length: 2\r\n\r\nok")
+}
+
+/// Statuses of the responses in a raw HTTP/1.1 exchange, in order.
+fn statuses(response: &str) -> Vec<u16> {
+    response
+        .split("HTTP/1.1 ")
+        .skip(1)
+        .filter_map(|s| s.get(..3)?.parse().ok())
+        .collect()
+}
+
+#[tokio::test]
+async fn pipelined_requests_of_one_method_are_each_checked_on_their_own_head() {
+    let w = world().await;
+    let (name, port) = ("h1.test", w.up1.port());
+    let h = format!("{name}:{port}");
+    let ambiguous = [
+        format!(
+            "POST /v1/cl-te HTTP/1.1\r\nHost: {h}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        ),
+        format!(
+            "POST /v1/two-cl HTTP/1.1\r\nHost: {h}\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok"
+        ),
+    ];
+    for bad in &ambiguous {
+        // Clean first, ambiguous second: 200, then 400 and the connection closes.
+        let raw = format!("{}{bad}", clean(&h, "/v1/first"));
+        let response = w
+            .proxy
+            .raw_in_tunnel(name, port, raw.as_bytes(), Duration::from_millis(1500))
+            .await;
+        assert_eq!(statuses(&response), [200, 400], "{bad:?}: {response}");
+        assert!(response.contains("ambiguous framing"), "{response}");
+
+        // Ambiguous first, clean second: 400, and nothing after it is served.
+        let raw = format!("{bad}{}", clean(&h, "/v1/second"));
+        let response = w
+            .proxy
+            .raw_in_tunnel(name, port, raw.as_bytes(), Duration::from_millis(1500))
+            .await;
+        assert_eq!(statuses(&response), [400], "{bad:?}: {response}");
+    }
+    let paths: Vec<String> = w
+        .up1
+        .seen()
+        .iter()
+        .map(|s| s.path_and_query.clone())
+        .collect();
+    assert_eq!(
+        paths,
+        ["/v1/first", "/v1/first"],
+        "only the clean heads went up"
+    );
+}
+
+#[tokio::test]
+async fn a_head_like_line_inside_a_body_is_never_taken_for_the_head() {
+    let w = world().await;
+    let (name, port) = ("h1.test", w.up1.port());
+    let h = format!("{name}:{port}");
+    let inner_ambiguous = format!(
+        "POST /v1/inner HTTP/1.1\r\nHost: {h}\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    let inner_clean = format!("POST /v1/inner HTTP/1.1\r\nHost: {h}\r\n\r\n");
+
+    // A clean head whose body carries an ambiguous head: the request is clean (200), and
+    // so is the pipelined one after it.
+    let raw = format!(
+        "POST /v1/outer HTTP/1.1\r\nHost: {h}\r\nContent-Length: {}\r\n\r\n{inner_ambiguous}{}",
+        inner_ambiguous.len(),
+        clean(&h, "/v1/after")
+    );
+    let response = w
+        .proxy
+        .raw_in_tunnel(name, port, raw.as_bytes(), Duration::from_millis(1500))
+        .await;
+    assert_eq!(statuses(&response), [200, 200], "{response}");
+
+    // The same in a chunked body.
+    let raw = format!(
+        "POST /v1/chunked HTTP/1.1\r\nHost: {h}\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{inner_ambiguous}\r\n0\r\n\r\n{}",
+        inner_ambiguous.len(),
+        clean(&h, "/v1/after")
+    );
+    let response = w
+        .proxy
+        .raw_in_tunnel(name, port, raw.as_bytes(), Duration::from_millis(1500))
+        .await;
+    assert_eq!(statuses(&response), [200, 200], "{response}");
+
+    // An ambiguous head whose body carries a clean head of the same method: 400.
+    for bad_head in [
+        format!(
+            "POST /v1/bad HTTP/1.1\r\nHost: {h}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ),
+        format!(
+            "POST /v1/bad HTTP/1.1\r\nHost: {h}\r\nContent-Length: {n}\r\nContent-Length: {n}\r\n\r\n",
+            n = inner_clean.len()
+        ),
+    ] {
+        let body = if bad_head.contains("chunked") {
+            format!("{:x}\r\n{inner_clean}\r\n0\r\n\r\n", inner_clean.len())
+        } else {
+            inner_clean.clone()
+        };
+        let raw = format!("{bad_head}{body}");
+        let response = w
+            .proxy
+            .raw_in_tunnel(name, port, raw.as_bytes(), Duration::from_millis(1500))
+            .await;
+        assert_eq!(statuses(&response), [400], "{bad_head:?}: {response}");
+    }
+    let paths: Vec<String> = w
+        .up1
+        .seen()
+        .iter()
+        .map(|s| s.path_and_query.clone())
+        .collect();
+    assert_eq!(
+        paths,
+        ["/v1/outer", "/v1/after", "/v1/chunked", "/v1/after"],
+        "only the real heads went up"
+    );
+}
+
+#[tokio::test]
+async fn plain_http_requests_are_checked_on_their_own_heads_too() {
+    let w = world().await;
+    // No plain route exists, so a clean request is refused by the policy (403, the
+    // connection kept); the ambiguous one after it must still get its own 400.
+    let h = "plain.test";
+    let raw = format!(
+        "GET http://{h}/a HTTP/1.1\r\nHost: {h}\r\n\r\nGET http://{h}/b HTTP/1.1\r\nHost: {h}\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n"
+    );
+    let response = w.proxy.raw(raw.as_bytes()).await;
+    assert_eq!(statuses(&response), [403, 400], "{response}");
+}

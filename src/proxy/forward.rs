@@ -206,6 +206,10 @@ async fn process(
         && response.status() == StatusCode::SWITCHING_PROTOCOLS
     {
         let upstream_upgrade = hyper::upgrade::on(&mut response);
+        // From here the agent's connection carries WebSocket frames, not HTTP/1.1 heads.
+        if let Some(log) = head_log {
+            log.stop();
+        }
         let (mut parts, _) = response.into_parts();
         rewrite_response_headers(&mut parts.headers, true);
         tokio::spawn(relay_websocket(
