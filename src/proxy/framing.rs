@@ -20,8 +20,12 @@
 //! cannot follow the stream (a head longer than hyper accepts, chunk framing hyper would
 //! refuse too), the requests after that point are refused: the check never passes a head
 //! it has not read.
+//!
+//! The same wrapper keeps hyper's reads small ([`READ_LIMIT`]), so that a connection
+//! idle after a large upload does not keep a read buffer sized for it.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use http::Method;
@@ -34,7 +38,19 @@ pub struct HeadLog {
     reader: Mutex<Reader>,
     /// The longest head hyper accepts (its `max_header_size`).
     max_head: usize,
+    /// Cleared by [`HeadLog::stop`]: the tunnel's bytes that then pass by are not
+    /// looked at (nor locked for).
+    following: AtomicBool,
 }
+
+/// The most bytes hyper's HTTP/1.1 server reads in one go from a connection whose heads
+/// are followed. hyper sizes its read buffer by its last reads (doubling after a full
+/// one, up to `max_buf_size`, 72 KiB here) and never gives it back: after one large
+/// upload, an idle keep-alive connection kept a buffer of that size, its pages touched,
+/// for as long as it stayed open (SPEC §4a allows an idle tunnel 64 KiB in all). Reads of
+/// at most 8 KiB keep the buffer at 16 KiB; a body still streams, in more, smaller reads
+/// (a TLS record's plaintext is up to 16 KiB, so two reads per record).
+const READ_LIMIT: usize = 8 * 1024;
 
 /// Where the log is in the connection's byte stream, and what it found.
 #[derive(Debug)]
@@ -112,11 +128,15 @@ impl HeadLog {
                 verdicts: VecDeque::new(),
             }),
             max_head: max_head_bytes.max(1024),
+            following: AtomicBool::new(true),
         })
     }
 
     /// Follows bytes the connection read (public for the fuzz target).
     pub fn record(&self, bytes: &[u8]) {
+        if !self.following.load(Ordering::Relaxed) {
+            return;
+        }
         let mut r = self.reader.lock().unwrap_or_else(|p| p.into_inner());
         r.follow(bytes, self.max_head);
     }
@@ -124,6 +144,7 @@ impl HeadLog {
     /// Stops following and frees what the log holds: the connection became a tunnel or
     /// a WebSocket, whose bytes are not HTTP/1.1 messages.
     pub fn stop(&self) {
+        self.following.store(false, Ordering::Relaxed);
         let mut r = self.reader.lock().unwrap_or_else(|p| p.into_inner());
         r.at = At::Stopped;
         r.partial = Vec::new();
@@ -410,6 +431,11 @@ pub type Sniffed<IO> = Observed<IO, Arc<HeadLog>>;
 impl IoObserver for Arc<HeadLog> {
     fn on_read(&self, bytes: &[u8]) {
         self.record(bytes);
+    }
+
+    /// While heads are followed, hyper reads at most [`READ_LIMIT`] at a time.
+    fn read_limit(&self) -> Option<usize> {
+        self.following.load(Ordering::Relaxed).then_some(READ_LIMIT)
     }
 }
 
