@@ -1,5 +1,5 @@
 //! One IO wrapper for everything that watches a connection's bytes go by (the tunnel's
-//! byte counts for the audit log, the raw-head window for the framing check), so the
+//! byte counts for the audit log, the framing check's reading of request heads), so the
 //! `AsyncRead`/`AsyncWrite` delegation is written once. An observer may also cap how
 //! much one read returns ([`IoObserver::read_limit`]).
 
