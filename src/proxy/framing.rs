@@ -151,8 +151,9 @@ impl HeadLog {
         r.verdicts = VecDeque::new();
     }
 
-    /// The verdict on the head of the request hyper just parsed: its framing, and `Err`
-    /// with why it is ambiguous, or why the log could not read it.
+    /// The verdict on the head of the request hyper just parsed (heads are handed out in
+    /// the order they came): `Err` with why its framing is ambiguous, or why the log
+    /// could not read it.
     pub fn check(&self, method: &Method) -> Result<(), &'static str> {
         let mut r = self.reader.lock().unwrap_or_else(|p| p.into_inner());
         loop {
