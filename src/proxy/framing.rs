@@ -205,18 +205,19 @@ impl Reader {
             if bytes.is_empty() {
                 return bytes;
             }
-            // The usual case: the whole head in this read, judged where it lies.
-            return match head_end(bytes, 0, 0) {
-                Ok(end) if end <= max_head => {
-                    self.judge(&bytes[..end]);
+            // The usual case: the whole head in this read, judged where it lies (one pass
+            // finds its end and reads it).
+            return match check_head(bytes) {
+                Some((_, end)) if end > max_head => self.lose("request head longer than the limit"),
+                Some((result, end)) => {
+                    self.judge(bytes.starts_with(b"CONNECT "), result);
                     &bytes[end..]
                 }
-                Ok(_) => self.lose("request head longer than the limit"),
-                Err(_) if bytes.len() > max_head => self.lose("request head longer than the limit"),
-                Err(line_start) => {
+                None if bytes.len() > max_head => self.lose("request head longer than the limit"),
+                None => {
                     self.partial.extend_from_slice(bytes);
                     self.scanned = bytes.len();
-                    self.line_start = line_start;
+                    self.line_start = memchr::memrchr(b'\n', bytes).map_or(0, |i| i + 1);
                     &[]
                 }
             };
@@ -228,7 +229,9 @@ impl Reader {
         match head_end(&self.partial, self.scanned, self.line_start) {
             Ok(end) if end <= max_head => {
                 let head = std::mem::take(&mut self.partial);
-                self.judge(&head[..end]);
+                let result = check_head(&head[..end])
+                    .map_or(Err("request head not understood"), |(result, _)| result);
+                self.judge(head.starts_with(b"CONNECT "), result);
                 &bytes[end - before..]
             }
             Ok(_) => self.lose("request head longer than the limit"),
@@ -244,27 +247,17 @@ impl Reader {
     }
 
     /// Keeps the verdict on a complete head and moves on to its body.
-    fn judge(&mut self, head: &[u8]) {
-        let connect = head.starts_with(b"CONNECT ");
-        let (result, next) = match check_head(head) {
-            Some((Ok(framing), _)) => (
-                Ok(()),
-                match framing {
-                    Framing::None | Framing::Length(0) => At::Head,
-                    Framing::Length(n) => At::Body(n),
-                    Framing::Chunked => At::Chunked(Chunk::Start),
-                },
-            ),
+    fn judge(&mut self, connect: bool, result: Result<Framing, &'static str>) {
+        self.at = match result {
+            Ok(Framing::None | Framing::Length(0)) => At::Head,
+            Ok(Framing::Length(n)) => At::Body(n),
+            Ok(Framing::Chunked) => At::Chunked(Chunk::Start),
             // An ambiguous head is refused and its connection closed: nothing after it
             // is read as HTTP.
-            Some((Err(why), _)) => (Err(why), At::Lost(why)),
-            None => (
-                Err("request head not understood"),
-                At::Lost("request head not understood"),
-            ),
+            Err(why) => At::Lost(why),
         };
+        let result = result.map(|_| ());
         self.verdicts.push_back(Verdict { connect, result });
-        self.at = next;
     }
 
     fn lose<'a>(&mut self, why: &'static str) -> &'a [u8] {
