@@ -98,10 +98,10 @@ enum Chunk {
     EndLf,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Verdict {
-    /// A CONNECT: the listener decides one without the check (see [`HeadLog::check`]).
-    connect: bool,
+    /// The head's method: a verdict is only handed to a request of that method.
+    method: Method,
     result: Result<(), &'static str>,
 }
 
@@ -166,11 +166,16 @@ impl HeadLog {
             // A CONNECT on the proxy listener is answered there without this check: its
             // verdict is passed over by the next request's. (Inside a tunnel, a CONNECT is
             // checked like any request and takes its own verdict.)
-            if v.connect && method != Method::CONNECT {
+            if v.method == Method::CONNECT && method != Method::CONNECT {
                 continue;
             }
             if r.verdicts.is_empty() && r.verdicts.capacity() > VERDICTS_KEPT {
                 r.verdicts = VecDeque::new();
+            }
+            // Another method than hyper's: the log and hyper disagree on where messages
+            // start, and this verdict is not this request's.
+            if v.method != method {
+                return Err("the framing check lost track of the request heads");
             }
             return v.result;
         }
@@ -210,7 +215,7 @@ impl Reader {
             return match check_head(bytes) {
                 Some((_, end)) if end > max_head => self.lose("request head longer than the limit"),
                 Some((result, end)) => {
-                    self.judge(bytes.starts_with(b"CONNECT "), result);
+                    self.judge(bytes, result);
                     &bytes[end..]
                 }
                 None if bytes.len() > max_head => self.lose("request head longer than the limit"),
@@ -231,7 +236,7 @@ impl Reader {
                 let head = std::mem::take(&mut self.partial);
                 let result = check_head(&head[..end])
                     .map_or(Err("request head not understood"), |(result, _)| result);
-                self.judge(head.starts_with(b"CONNECT "), result);
+                self.judge(&head, result);
                 &bytes[end - before..]
             }
             Ok(_) => self.lose("request head longer than the limit"),
@@ -246,8 +251,9 @@ impl Reader {
         }
     }
 
-    /// Keeps the verdict on a complete head and moves on to its body.
-    fn judge(&mut self, connect: bool, result: Result<Framing, &'static str>) {
+    /// Keeps the verdict on a complete head (at the start of `head`) and moves on to its
+    /// body.
+    fn judge(&mut self, head: &[u8], result: Result<Framing, &'static str>) {
         self.at = match result {
             Ok(Framing::None | Framing::Length(0)) => At::Head,
             Ok(Framing::Length(n)) => At::Body(n),
@@ -256,8 +262,13 @@ impl Reader {
             // is read as HTTP.
             Err(why) => At::Lost(why),
         };
-        let result = result.map(|_| ());
-        self.verdicts.push_back(Verdict { connect, result });
+        let token = memchr::memchr(b' ', head).map_or(head, |sp| &head[..sp]);
+        let (method, result) = match Method::from_bytes(token) {
+            Ok(method) => (method, result.map(|_| ())),
+            // hyper refuses it too, so no request will take this verdict.
+            Err(_) => (Method::GET, Err("request method not understood")),
+        };
+        self.verdicts.push_back(Verdict { method, result });
     }
 
     fn lose<'a>(&mut self, why: &'static str) -> &'a [u8] {
@@ -564,6 +575,13 @@ mod tests {
     }
 
     #[test]
+    fn a_verdict_is_only_handed_to_a_request_of_its_method() {
+        let log = HeadLog::new(8192);
+        log.record(b"GET /a HTTP/1.1\r\n\r\n");
+        assert!(log.check(&Method::POST).is_err());
+    }
+
+    #[test]
     fn framing_it_cannot_follow_refuses_what_comes_after() {
         let log = HeadLog::new(8192);
         log.record(b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n");
@@ -686,6 +704,76 @@ mod tests {
                 proptest::prop_assert_eq!(len, head.len());
                 proptest::prop_assert_eq!(ours.map(|_| ()), full_parse_check(head.as_bytes()), "{:?}", head);
             }
+        }
+
+        /// A connection's messages, pipelined, with bodies that hold head-like text
+        /// (ambiguous heads included), cut into reads anywhere: each head gets its own
+        /// verdict, in order, whatever the cuts.
+        #[test]
+        fn pipelined_messages_get_their_own_verdicts_however_reads_cut_them(
+            messages in proptest::collection::vec(
+                (
+                    0..4u8,
+                    proptest::sample::select(vec![
+                        "",
+                        "x",
+                        "GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+                        "PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+                        "DELETE / HTTP/1.1\r\n\r\n",
+                        "\r\n\r\n0\r\n\r\n",
+                    ]),
+                    1..40usize,
+                    proptest::bool::ANY,
+                ),
+                1..6,
+            ),
+            cuts in proptest::collection::vec(1..64usize, 0..40),
+        ) {
+            let mut stream = Vec::new();
+            let mut want = Vec::new();
+            for (kind, text, chunk, ambiguous) in &messages {
+                let (method, head_extra, body) = match kind {
+                    0 => ("GET", String::new(), String::new()),
+                    1 => ("POST", format!("Content-Length: {}\r\n", text.len()), text.to_string()),
+                    2 => {
+                        // Chunked, the text cut into chunks of `chunk` bytes, with an
+                        // extension on the first and a trailer.
+                        let mut body = String::new();
+                        for (i, piece) in text.as_bytes().chunks(*chunk).enumerate() {
+                            let ext = if i == 0 { " ;a=b" } else { "" };
+                            body.push_str(&format!("{:x}{ext}\r\n", piece.len()));
+                            body.push_str(std::str::from_utf8(piece).unwrap());
+                            body.push_str("\r\n");
+                        }
+                        body.push_str("0\r\nX-T: 1\r\n\r\n");
+                        ("PUT", "Transfer-Encoding: chunked\r\n".to_owned(), body)
+                    }
+                    _ => ("DELETE", "Content-Length: 0\r\n".to_owned(), String::new()),
+                };
+                let ambiguity = if *ambiguous { "Content-Length: 0\r\nContent-Length: 0\r\n" } else { "" };
+                stream.extend_from_slice(
+                    format!("{method} /p HTTP/1.1\r\nHost: a\r\n{head_extra}{ambiguity}\r\n{body}").as_bytes(),
+                );
+                want.push((method, !*ambiguous));
+                if *ambiguous {
+                    // Nothing after an ambiguous head is read: the connection closes.
+                    break;
+                }
+            }
+            let log = HeadLog::new(8192);
+            let mut rest = &stream[..];
+            for cut in &cuts {
+                let n = (*cut).min(rest.len());
+                log.record(&rest[..n]);
+                rest = &rest[n..];
+            }
+            log.record(rest);
+            for (method, ok) in want {
+                let got = log.check(&Method::from_bytes(method.as_bytes()).unwrap());
+                proptest::prop_assert_eq!(got.is_ok(), ok, "{} in {:?}", method, String::from_utf8_lossy(&stream));
+            }
+            // No head beyond them.
+            proptest::prop_assert!(log.check(&Method::GET).is_err());
         }
     }
 }
