@@ -775,5 +775,34 @@ mod tests {
             // No head beyond them.
             proptest::prop_assert!(log.check(&Method::GET).is_err());
         }
+
+        /// Whatever an agent sends, cut however, following it and checking never panic
+        /// (huge lengths and chunk sizes, a CONNECT, stray line ends, heads over the limit).
+        #[test]
+        fn any_bytes_are_followed_without_panicking(
+            pieces in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "GET / HTTP/1.1\r\n", "POST /x HTTP/1.1\r\n", "CONNECT a:1 HTTP/1.1\r\n",
+                    "Content-Length: 3\r\n", "Content-Length: 99999999999999999999\r\n",
+                    "Transfer-Encoding: chunked\r\n", "\r\n", "\n", "\r", "abc", "3\r\n",
+                    "ffffffffffffffffff\r\n", "0\r\n", " ;x", "X: y\r\n", "\0",
+                ]),
+                0..60,
+            ),
+            cuts in proptest::collection::vec(1..32usize, 0..30),
+        ) {
+            let stream = pieces.concat();
+            let log = HeadLog::new(1024);
+            let mut rest = stream.as_bytes();
+            for cut in &cuts {
+                let n = (*cut).min(rest.len());
+                log.record(&rest[..n]);
+                rest = &rest[n..];
+            }
+            log.record(rest);
+            for m in [Method::GET, Method::POST, Method::CONNECT, Method::GET] {
+                let _ = log.check(&m);
+            }
+        }
     }
 }
