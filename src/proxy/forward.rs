@@ -1,20 +1,24 @@
 //! One request, from the agent to the upstream and back: ask the policy, rewrite the
-//! headers (agent credentials and hop-by-hop headers out, the route's token in), send it
+//! headers (agent credentials and hop-by-hop headers out, the route's token in; the same
+//! fields out of the request's trailers), send it
 //! through the pooled upstream client, and stream the answer back. WebSocket upgrades
 //! are relayed byte for byte once both sides have switched protocols.
 //!
 //! Each request is logged once, when its response body has been fully sent (or the
 //! relay ends), with its bytes each way: the log record rides along with the body.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
-use hyper::body::{Body, Incoming};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
+use pin_project_lite::pin_project;
 
 use super::ClientConn;
 use super::body::{RecordSized, Tracked};
@@ -176,6 +180,10 @@ async fn process(
         None => Uri::from_static("/"),
     };
     parts.version = Version::HTTP_11;
+    let body = AgentTrailersStripped {
+        inner: body,
+        route_header: grant.injection.map(|i| i.header),
+    };
     let upstream_body = Tracked::new(body, body_idle, record.bytes_up.clone(), ()).boxed_unsync();
     let upstream_req = Request::from_parts(parts, upstream_body);
 
@@ -200,6 +208,10 @@ async fn process(
         && response.status() == StatusCode::SWITCHING_PROTOCOLS
     {
         let upstream_upgrade = hyper::upgrade::on(&mut response);
+        // From here the agent's connection carries WebSocket frames, not HTTP/1.1 heads.
+        if let Some(log) = head_log {
+            log.stop();
+        }
         let (mut parts, _) = response.into_parts();
         rewrite_response_headers(&mut parts.headers, true);
         // A WebSocket has no silence timeout either way (SPEC §2).
@@ -304,9 +316,20 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The agent's request headers as they go upstream: hop-by-hop headers, every
-/// credential the agent sent (`Authorization`, the route's header) and `Host` removed,
-/// the route's token added.
+/// Removes from an agent's header or trailer fields what never goes upstream from the
+/// agent: hop-by-hop fields, every credential it sent (`Authorization`,
+/// `Proxy-Authorization`, the route's header) and `Host`.
+fn strip_agent_fields(fields: &mut HeaderMap, route_header: Option<&HeaderName>) {
+    remove_hop_by_hop(fields);
+    fields.remove(header::AUTHORIZATION);
+    fields.remove(header::HOST);
+    if let Some(name) = route_header {
+        fields.remove(name);
+    }
+}
+
+/// The agent's request headers as they go upstream: stripped of the agent's fields
+/// ([`strip_agent_fields`]), the route's token added.
 fn rewrite_request_headers(
     headers: &mut HeaderMap,
     injection: Option<&Injection>,
@@ -315,20 +338,59 @@ fn rewrite_request_headers(
     let te_trailers = headers
         .get(header::TE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    remove_hop_by_hop(headers);
-    headers.remove(header::AUTHORIZATION);
-    headers.remove(header::HOST);
+    strip_agent_fields(headers, injection.map(|i| &i.header));
     if te_trailers {
         // `TE: trailers` is the one TE value HTTP/2 allows; gRPC needs it.
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     if let Some(inj) = injection {
-        headers.remove(&inj.header);
         headers.insert(inj.header.clone(), inj.value.clone());
     }
     if websocket {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    }
+}
+
+pin_project! {
+    /// An agent's request body on its way up, its trailer fields (a chunked HTTP/1.1
+    /// body's, an HTTP/2 stream's trailing HEADERS) stripped as its header fields are
+    /// (SPEC §4.3): trailers are fields too, and a credential the agent puts there would
+    /// otherwise reach the upstream.
+    struct AgentTrailersStripped<B> {
+        #[pin]
+        inner: B,
+        route_header: Option<HeaderName>,
+    }
+}
+
+impl<B: Body> Body for AgentTrailersStripped<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.project();
+        let frame = std::task::ready!(this.inner.poll_frame(cx));
+        Poll::Ready(frame.map(|f| {
+            f.map(|frame| match frame.into_trailers() {
+                Ok(mut trailers) => {
+                    strip_agent_fields(&mut trailers, this.route_header.as_ref());
+                    Frame::trailers(trailers)
+                }
+                Err(frame) => frame,
+            })
+        }))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -441,5 +503,44 @@ impl Drop for RequestRecord {
             bytes_down = down,
             duration_ms = self.started.elapsed().as_millis() as u64,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::StreamBody;
+
+    #[tokio::test]
+    async fn request_trailers_lose_the_agents_credentials_and_hop_by_hop_fields() {
+        let mut trailers = HeaderMap::new();
+        for (name, value) in [
+            ("authorization", "Bearer agent"),
+            ("proxy-authorization", "Basic agent"),
+            ("x-api-key", "agent"),
+            ("connection", "x-named"),
+            ("x-named", "hop"),
+            ("te", "trailers"),
+            ("host", "elsewhere"),
+            ("x-checksum", "kept"),
+        ] {
+            trailers.insert(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        let frames: Vec<Result<Frame<bytes::Bytes>, std::convert::Infallible>> = vec![
+            Ok(Frame::data(bytes::Bytes::from_static(b"data"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let body = AgentTrailersStripped {
+            inner: StreamBody::new(futures_util::stream::iter(frames)),
+            route_header: Some(HeaderName::from_static("x-api-key")),
+        };
+        let collected = body.collect().await.unwrap();
+        let trailers = collected.trailers().cloned().unwrap();
+        let names: Vec<&str> = trailers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-checksum"]);
+        assert_eq!(collected.to_bytes(), "data");
     }
 }

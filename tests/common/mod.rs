@@ -98,6 +98,7 @@ pub struct Seen {
 /// - `/sse?n=N&ms=M`: N server-sent events, M ms apart (the first at once);
 /// - `/download/N`: N bytes (a fixed pattern), streamed in 64 KiB chunks;
 /// - `/upload`: reads the body, answers `{"len":…,"sum":…}`;
+/// - `/echo-trailers`: reads the body, answers `{"len":…,"trailers":{name:value}}`;
 /// - `/ws`: WebSocket echo;
 /// - `/redirect`: 302 to another host;
 /// - `/cut`: declares 1000 bytes, sends 10, closes;
@@ -386,6 +387,23 @@ async fn upstream_handle(
                 frames,
             ))))
             .unwrap();
+    }
+    if path == "/echo-trailers" {
+        // The request's trailer fields as received: `{"len":…,"trailers":{name:value}}`.
+        let mut body = req.into_body();
+        let (mut len, mut trailers) = (0usize, serde_json::Map::new());
+        while let Some(Ok(frame)) = body.frame().await {
+            match frame.into_trailers() {
+                Ok(t) => trailers.extend(t.iter().map(|(k, v)| {
+                    let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
+                    (k.to_string(), serde_json::Value::String(v))
+                })),
+                Err(frame) => len += frame.data_ref().map_or(0, |d| d.len()),
+            }
+        }
+        return Response::new(full(
+            serde_json::json!({"len": len, "trailers": trailers}).to_string(),
+        ));
     }
     if path == "/redirect" {
         return Response::builder()
@@ -787,6 +805,17 @@ pub fn rss_kib(pid: u32) -> u64 {
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Private (anonymous) resident memory of a process, in KiB: the heap and stacks, without
+/// the binary's pages that every process of it shares.
+pub fn rss_anon_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }
