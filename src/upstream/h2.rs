@@ -420,7 +420,7 @@ pub(super) mod tests {
         H2Conn::handshake(Box::new(client), 65536).await.unwrap()
     }
 
-    fn target() -> Target {
+    pub(in crate::upstream) fn target() -> Target {
         Target {
             host: crate::routes::Host::parse("api.test").unwrap(),
             port: 443,

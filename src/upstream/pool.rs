@@ -227,16 +227,7 @@ impl Slot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::upstream::h2::tests::upstream;
-
-    fn target() -> Target {
-        Target {
-            host: crate::routes::Host::parse("api.test").unwrap(),
-            port: 443,
-            tls: true,
-            allow_private: false,
-        }
-    }
+    use crate::upstream::h2::tests::{target, upstream};
 
     fn dialing(c: Checkout) -> Dialing {
         match c {
