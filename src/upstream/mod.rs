@@ -194,38 +194,35 @@ impl Upstream {
                     }
                     continue;
                 }
-                Checkout::Wait(_) => (self.connect(target).await?, false),
-                Checkout::Dial(dialing) => {
-                    let sender = self.connect(target).await;
-                    dialing.finish(sender.as_ref());
-                    (sender?, false)
-                }
+                Checkout::Wait(_) => (self.dial_new(self.pool.dial(target)).await?, false),
+                Checkout::Dial(dialing) => (self.dial_new(dialing).await?, false),
             };
             if reused && replayable && replay.is_none() {
                 replay = Some(copy_bodiless(&req));
             }
-            match self.send_on(target, sender, req, upload).await {
+            let failed = match self.send_on(target, sender, req, upload).await {
                 Ok(r) => return Ok(r),
-                // Nothing of it went out: another connection may take it.
-                Err(SendError::Unsent(e, Some(back))) => {
+                Err(e) => e,
+            };
+            match after_failure(failed, reused, replayable) {
+                AfterFailure::Resend(e, back) => {
                     tracing::debug!(host = %target.host, error = %e, "upstream connection refused the request before it went out; trying another");
                     req = *back;
                     last_error = Some(e);
                 }
-                Err(SendError::Unsent(e, None) | SendError::NoResponse(e)) if reused => {
-                    match replay.take() {
-                        Some(copy) => {
-                            tracing::debug!(host = %target.host, error = %e, "reused upstream connection failed; retrying once on a new one");
-                            let sender = self.connect(target).await?;
-                            return self
-                                .send_on(target, sender, copy, upload)
-                                .await
-                                .map_err(SendError::into_proxy);
-                        }
-                        None => return Err(e),
-                    }
+                AfterFailure::Replay(e) => {
+                    // The copy was taken when the reused connection was checked out.
+                    let Some(copy) = replay.take() else {
+                        return Err(e);
+                    };
+                    tracing::debug!(host = %target.host, error = %e, "reused upstream connection failed; retrying once on a new one");
+                    let sender = self.dial_new(self.pool.dial(target)).await?;
+                    return self
+                        .send_on(target, sender, copy, upload)
+                        .await
+                        .map_err(SendError::into_proxy);
                 }
-                Err(e) => return Err(e.into_proxy()),
+                AfterFailure::GiveUp(e) => return Err(e),
             }
         }
         Err(last_error.unwrap_or_else(|| {
@@ -234,6 +231,14 @@ impl Upstream {
                 format!("no connection to {} took the request", target.host),
             )
         }))
+    }
+
+    /// Dials a new connection and records it in the pool (an HTTP/2 one is shared from
+    /// then on), telling anyone waiting for this dial what it became.
+    async fn dial_new(&self, dialing: pool::Dialing) -> Result<Sender, ProxyError> {
+        let sender = self.connect(dialing.target()).await;
+        dialing.finish(sender.as_ref());
+        sender
     }
 
     /// Waits for another request's dial to the same target to finish (bounded by its
@@ -380,6 +385,27 @@ fn response_timeout(target: &Target) -> ProxyError {
     )
 }
 
+/// What a failed send leaves to do (SPEC §4.3).
+enum AfterFailure {
+    /// Nothing of the request went out and it came back whole: another connection takes it.
+    Resend(ProxyError, Box<Request<ProxyBody>>),
+    /// A bodiless idempotent request failed on a reused connection before any response
+    /// byte: sent once more, on a new connection.
+    Replay(ProxyError),
+    /// Anything else is never sent again.
+    GiveUp(ProxyError),
+}
+
+fn after_failure(e: SendError, reused: bool, replayable: bool) -> AfterFailure {
+    match e {
+        SendError::Unsent(e, Some(back)) => AfterFailure::Resend(e, back),
+        SendError::Unsent(e, None) | SendError::NoResponse(e) if reused && replayable => {
+            AfterFailure::Replay(e)
+        }
+        e => AfterFailure::GiveUp(e.into_proxy()),
+    }
+}
+
 /// How a send failed: before the request went out (with the request back when nothing
 /// of it was consumed), after it went out but before any response byte, or otherwise (a
 /// bad response head, a timeout): only the first two may be tried again.
@@ -410,4 +436,48 @@ fn classify_hyper_error(target: &Target, e: &hyper::Error) -> ProxyError {
         reason.push_str(&format!(" ({src})"));
     }
     ProxyError::new(kind, reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err() -> ProxyError {
+        ProxyError::new(ErrorKind::UpstreamUnavailable, "reset")
+    }
+
+    #[test]
+    fn only_a_request_that_never_went_out_or_a_replayable_one_on_a_reused_connection_is_sent_again()
+    {
+        let unsent_whole = || {
+            SendError::Unsent(
+                err(),
+                Some(Box::new(Request::new(crate::error::empty_body()))),
+            )
+        };
+        let kind = |a: AfterFailure| match a {
+            AfterFailure::Resend(..) => "resend",
+            AfterFailure::Replay(_) => "replay",
+            AfterFailure::GiveUp(_) => "give up",
+        };
+        // (failure, reused, replayable) -> what follows
+        let table: Vec<(SendError, bool, bool, &str)> = vec![
+            (unsent_whole(), false, false, "resend"),
+            (unsent_whole(), true, false, "resend"),
+            (SendError::Unsent(err(), None), true, true, "replay"),
+            (SendError::NoResponse(err()), true, true, "replay"),
+            // A body, or a method that is not idempotent: never replayed.
+            (SendError::Unsent(err(), None), true, false, "give up"),
+            (SendError::NoResponse(err()), true, false, "give up"),
+            // A new connection that failed is not a stale pooled one.
+            (SendError::NoResponse(err()), false, true, "give up"),
+            (SendError::Unsent(err(), None), false, true, "give up"),
+            // A timeout or a bad response head came after the request went out.
+            (SendError::Final(err()), true, true, "give up"),
+            (SendError::Final(err()), false, false, "give up"),
+        ];
+        for (i, (e, reused, replayable, want)) in table.into_iter().enumerate() {
+            assert_eq!(kind(after_failure(e, reused, replayable)), want, "row {i}");
+        }
+    }
 }

@@ -118,11 +118,7 @@ impl Pool {
             }
             conn.close();
         }
-        let mut dial = Dialing {
-            pool: self.clone(),
-            target: target.clone(),
-            waiters: None,
-        };
+        let mut dial = self.dial(target);
         if !slot.h1_only {
             if let Some((_, rx)) = &slot.dialing {
                 return Checkout::Wait(rx.clone());
@@ -133,6 +129,16 @@ impl Pool {
             dial.waiters = Some((id, tx));
         }
         Checkout::Dial(dial)
+    }
+
+    /// The right to dial a new connection that nobody waits for (the one replay, or a
+    /// request that has waited for others' dials often enough).
+    pub(super) fn dial(self: &Arc<Self>, target: &Target) -> Dialing {
+        Dialing {
+            pool: self.clone(),
+            target: target.clone(),
+            waiters: None,
+        }
     }
 
     /// Keeps an HTTP/1.1 connection that has just taken a request.
@@ -173,6 +179,10 @@ pub(super) struct Dialing {
 }
 
 impl Dialing {
+    pub(super) fn target(&self) -> &Target {
+        &self.target
+    }
+
     /// Records what the dial gave (an HTTP/2 connection goes into the pool, shared) and
     /// wakes those waiting for it.
     pub(super) fn finish(mut self, outcome: Result<&Sender, &ProxyError>) {
