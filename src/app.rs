@@ -70,21 +70,6 @@ pub async fn run(config: Config) -> Result<(), String> {
         .local_addr()
         .map_err(|e| format!("--admin {}: {e}", config.admin))?;
     let own_listeners = own_addresses(&[bound_listen, bound_admin]);
-    let upstream = Arc::new(
-        Upstream::new(UpstreamSettings {
-            connect_timeout: config.connect_timeout,
-            response_timeout: config.response_timeout,
-            max_header_bytes: config.max_header_bytes,
-            extra_roots: config.upstream_roots.clone(),
-            resolve: config.resolve.clone(),
-            own_listeners: own_listeners.clone(),
-            proxy: config.upstream_proxy.clone(),
-            no_proxy: config.no_proxy.clone(),
-        })
-        .map_err(|e| format!("--upstream-ca: {e}"))?,
-    );
-    upstream.spawn_reaper();
-    let leaves = LeafCache::new(ca, LEAF_CACHE_CAPACITY).map_err(|e| e.to_string())?;
     // Counted now, with the listeners, the routes watch and the log open.
     let max_connections = match (open_files_limit, crate::sys::open_descriptors()) {
         (Some(limit), Some(open)) => {
@@ -102,6 +87,22 @@ pub async fn run(config: Config) -> Result<(), String> {
         }
         _ => config.max_connections,
     };
+    let upstream = Arc::new(
+        Upstream::new(UpstreamSettings {
+            connect_timeout: config.connect_timeout,
+            response_timeout: config.response_timeout,
+            max_header_bytes: config.max_header_bytes,
+            extra_roots: config.upstream_roots.clone(),
+            resolve: config.resolve.clone(),
+            own_listeners: own_listeners.clone(),
+            proxy: config.upstream_proxy.clone(),
+            no_proxy: config.no_proxy.clone(),
+            max_connections,
+        })
+        .map_err(|e| format!("--upstream-ca: {e}"))?,
+    );
+    upstream.spawn_reaper();
+    let leaves = LeafCache::new(ca, LEAF_CACHE_CAPACITY).map_err(|e| e.to_string())?;
     let limits = ClientLimits {
         client_timeout: config.client_timeout,
         idle_timeout: config.idle_timeout,
@@ -142,7 +143,9 @@ pub async fn run(config: Config) -> Result<(), String> {
     Ok(())
 }
 
-/// Descriptors an agent connection may need: its own, and its upstream connection's.
+/// Descriptors an agent connection may need: its own, and an upstream connection's (the
+/// upstream side holds as many connections as the cap at most, however the agents'
+/// requests fan out: `upstream::Upstream` keeps that budget).
 const DESCRIPTORS_PER_CONNECTION: u64 = 2;
 
 /// Descriptors kept out of the agent connections' share, beyond those open at start

@@ -50,6 +50,8 @@ const REQUEST_SERIES: &[(&str, Reason)] = &[
     ("deny", Reason::Code(Misdirected)),
     ("deny", Reason::Code(BadRequest)),
     ("deny", Reason::Code(HeadersTooLarge)),
+    // The upstream connection budget spent (SPEC §4a).
+    ("deny", Reason::Code(TooManyConnections)),
     // Failures on the way out, each also counted as an upstream error of its RFC 9209 kind:
     // a DNS answer refused, a request the upstream side cannot carry, and the upstream's own.
     ("error", Reason::Code(DestinationNotAllowed)),

@@ -312,13 +312,14 @@ async fn the_soft_open_files_limit_is_raised_to_the_hard_limit() {
     assert_eq!(&fields[3..5], ["4096", "4096"], "{line}");
 }
 
-/// SPEC §4a, open files, when descriptors do run out anyway: HTTP/2 agent connections
-/// whose streams each take an HTTP/1.1 upstream connection (five hosts, 50 streams each)
-/// use more than two descriptors apiece, past the 256 limit. The admin listener still
-/// answers `/healthz`, a new CONNECT is answered rather than left hanging, and the accept
-/// failures are not a flood.
+/// SPEC §4a, open files, when agents fan out: HTTP/2 agent connections whose streams each
+/// need an HTTP/1.1 upstream connection (five hosts, 50 streams each) would take far more
+/// than two descriptors apiece. Upstream connections have a budget of their own (the
+/// connection cap): the streams past it wait for a place, then get `503
+/// too_many_connections`, never a 502 or a hang; descriptors never run out, `/healthz`
+/// answers, a new CONNECT is answered, and the accept loop logs no flood.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn when_descriptors_run_out_health_and_refusals_still_answer() {
+async fn an_agent_fan_out_meets_the_upstream_connection_budget_not_the_descriptor_limit() {
     let ca = TestCa::new("ca");
     let hosts = ["a.test", "b.test", "c.test", "d.test", "e.test"];
     let up = Upstream::start(&ca, &hosts, &[b"http/1.1"]).await;
@@ -331,6 +332,8 @@ async fn when_descriptors_run_out_health_and_refusals_still_answer() {
     let proxy = ProxyBuilder::new(&format!("routes:\n{routes}"))
         .upstream(&ca, &pins)
         .open_files_limit(256, 256)
+        .arg("--connect-timeout")
+        .arg("2")
         .start();
     let mut streams = Vec::new();
     for host in hosts {
@@ -355,35 +358,35 @@ async fn when_descriptors_run_out_health_and_refusals_still_answer() {
     for s in streams {
         held.push(s.await.unwrap());
     }
-    let h = format!("a.test:{port}");
+    let status =
+        |r: &Option<http::Response<hyper::body::Incoming>>| r.as_ref().map(|r| r.status().as_u16());
+    let answered = held.iter().filter(|r| status(r) == Some(200)).count();
+    let refused = held.iter().filter(|r| status(r) == Some(503)).count();
     let open: usize = std::fs::read_dir(format!("/proc/{}/fd", proxy.pid()))
         .unwrap()
         .count();
     eprintln!(
-        "{} streams answered 200, proxy has {open} descriptors open",
-        held.iter()
-            .filter(|r| r.as_ref().is_some_and(|r| r.status() == 200))
-            .count()
+        "{answered} streams answered 200, {refused} got 503, proxy has {open} descriptors open"
     );
-    assert!(open >= 250, "descriptors did not run out ({open} open)");
-    // Each answered on its listener's spare descriptor (which is then taken back).
-    for _ in 0..2 {
-        let refused = tokio::time::timeout(Duration::from_secs(5), proxy.connect(&h)).await;
-        let (status, text, _) = refused.expect("a CONNECT with no descriptor left hung");
-        // 503 on the spare; 200 if a descriptor came free meanwhile (a closing
-        // connection): answered either way, never left hanging.
-        assert!(status == 503 || status == 200, "{text}");
-        if status == 503 {
-            assert!(text.contains("too_many_connections"), "{text}");
-        }
-        assert_eq!(
-            healthz(&proxy).await,
-            200,
-            "/healthz with no descriptor left"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    assert_eq!(
+        answered + refused,
+        held.len(),
+        "a stream got neither 200 nor 503, or hung"
+    );
+    assert!(answered >= 10, "only {answered} streams were served");
+    assert!(refused > 0, "the budget was never met");
+    assert!(open < 256 - 16, "descriptors ran out ({open} open)");
     let logs = proxy.logs();
+    assert!(
+        !logs.contains("\"status\":502"),
+        "a 502 when the budget was spent: {logs}"
+    );
+    let h = format!("a.test:{port}");
+    let (status, text, _) = tokio::time::timeout(Duration::from_secs(5), proxy.connect(&h))
+        .await
+        .expect("a new CONNECT hung");
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(healthz(&proxy).await, 200, "/healthz with the budget spent");
     let accept_failures = logs.matches("accept failed").count();
     assert!(
         accept_failures <= 4,

@@ -28,7 +28,7 @@ use super::stall::Cuttable;
 use crate::error::{ErrorKind, ProxyBody, ProxyError, empty_body};
 use crate::policy::{self, Authority, Channel, RequestView, TargetError, parse_target};
 use crate::routes::Injection;
-use crate::upstream::Target;
+use crate::upstream::{ConnectionSlot, Target};
 
 /// A request inside an intercepted tunnel.
 pub async fn intercepted(req: Request<Incoming>, tunnel: Arc<Tunnel>) -> Response<ProxyBody> {
@@ -200,6 +200,9 @@ async fn process(
         // The agent's own body broke its framing: its error, and its connection cannot
         // carry another request.
         Err(e) if e.kind == ErrorKind::BadRequest => return record.refused(&e, h1),
+        // The upstream connection budget is spent: the proxy's own limit, like the cap
+        // on agent connections, not an upstream failure.
+        Err(e) if e.kind == ErrorKind::TooManyConnections => return record.refused(&e, false),
         Err(e) => return record.failed(&e, false),
     };
     record.status = response.status().as_u16();
@@ -208,6 +211,7 @@ async fn process(
         && response.status() == StatusCode::SWITCHING_PROTOCOLS
     {
         let upstream_upgrade = hyper::upgrade::on(&mut response);
+        let slot = response.extensions_mut().remove::<ConnectionSlot>();
         // From here the agent's connection carries WebSocket frames, not HTTP/1.1 heads.
         if let Some(log) = head_log {
             log.stop();
@@ -220,7 +224,7 @@ async fn process(
             agent_upgrade,
             upstream_upgrade,
             record,
-            in_flight,
+            (in_flight, slot),
         ));
         return Response::from_parts(parts, empty_body());
     }
@@ -243,7 +247,7 @@ async fn relay_websocket(
     agent: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     record: RequestRecord,
-    in_flight: super::InFlight,
+    held: (super::InFlight, Option<ConnectionSlot>),
 ) {
     let (agent, upstream) = match tokio::try_join!(agent, upstream) {
         Ok(pair) => pair,
@@ -259,7 +263,7 @@ async fn relay_websocket(
         record.bytes_up.fetch_add(up, Ordering::Relaxed);
         record.bytes_down.fetch_add(down, Ordering::Relaxed);
     }
-    drop(in_flight);
+    drop(held);
 }
 
 /// An approximation of the request head's size on the wire (HTTP/1.1 framing), used for

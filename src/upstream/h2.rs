@@ -71,9 +71,12 @@ struct H2Shared {
 impl H2Conn {
     /// The HTTP/2 handshake over an established (TLS) stream; spawns the connection's
     /// driver.
+    /// `slot` is the connection's place in the upstream connection budget, held for as
+    /// long as it lives.
     pub(super) async fn handshake(
         io: BoxedIo,
         max_header_bytes: usize,
+        slot: tokio::sync::OwnedSemaphorePermit,
     ) -> Result<H2Conn, h2::Error> {
         let mut b = h2::client::Builder::new();
         b.initial_window_size(STREAM_WINDOW)
@@ -85,7 +88,11 @@ impl H2Conn {
             .enable_push(false);
         let (send, conn) = b.handshake::<_, Bytes>(io).await?;
         let shared = Arc::new(H2Shared::default());
-        tokio::spawn(drive(conn, shared.clone()));
+        let shared_for_driver = shared.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            drive(conn, shared_for_driver).await;
+        });
         Ok(H2Conn { send, shared })
     }
 
@@ -417,7 +424,12 @@ pub(super) mod tests {
                 });
             }
         });
-        H2Conn::handshake(Box::new(client), 65536).await.unwrap()
+        let slot = Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .unwrap();
+        H2Conn::handshake(Box::new(client), 65536, slot)
+            .await
+            .unwrap()
     }
 
     pub(in crate::upstream) fn target() -> Target {

@@ -19,7 +19,9 @@ mod pool;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Weak};
+
 use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use http::{Request, Response};
 use http_body_util::BodyExt;
@@ -58,6 +60,9 @@ pub struct UpstreamSettings {
     /// Chain through this proxy, except for `no_proxy` hosts.
     pub proxy: Option<ProxyUrl>,
     pub no_proxy: NoProxy,
+    /// Upstream connections open at once, all targets together: the descriptor budget
+    /// the agent-side connection cap leaves them (SPEC §4a).
+    pub max_connections: usize,
 }
 
 /// Where a request goes.
@@ -92,7 +97,15 @@ pub struct Upstream {
     /// ALPN `http/1.1` only: WebSocket upgrades, which need HTTP/1.1.
     tls_h1: TlsConnector,
     pool: Arc<Pool>,
+    /// One permit per open upstream connection, held by the task that drives it (or the
+    /// WebSocket relay that took it over).
+    slots: Arc<Semaphore>,
 }
+
+/// A WebSocket's upstream connection's place in the connection budget, carried in the
+/// `101` response's extensions for the relay to hold.
+#[derive(Clone)]
+pub struct ConnectionSlot(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -123,6 +136,7 @@ impl Upstream {
         Ok(Upstream {
             tls: TlsConnector::from(config(&[b"h2", b"http/1.1"])?),
             tls_h1: TlsConnector::from(config(&[b"http/1.1"])?),
+            slots: Arc::new(Semaphore::new(settings.max_connections.max(1))),
             settings,
             pool: Arc::new(Pool::default()),
         })
@@ -259,6 +273,7 @@ impl Upstream {
         target: &Target,
         req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
+        let slot = self.connection_slot(target).await?;
         let (io, _) = self.dial(target, &self.tls_h1).await?;
         let (mut sender, conn) = self
             .h1_builder()
@@ -270,7 +285,10 @@ impl Upstream {
                     format!("HTTP/1.1 handshake with {}: {e}", target.host),
                 )
             })?;
+        let slot = Arc::new(slot);
+        let held = slot.clone();
         tokio::spawn(async move {
+            let _slot = held;
             let _ = conn.with_upgrades().await;
         });
         let sent =
@@ -278,7 +296,33 @@ impl Upstream {
         match sent {
             Err(_) => Err(response_timeout(target)),
             Ok(Err(e)) => Err(classify_hyper_error(target, &e)),
-            Ok(Ok(r)) => Ok(r),
+            Ok(Ok(mut r)) => {
+                // Once upgraded, the connection lives on in the relay, not in its task.
+                r.extensions_mut().insert(ConnectionSlot(slot));
+                Ok(r)
+            }
+        }
+    }
+
+    /// A place in the upstream connection budget for a new connection to `target`: at
+    /// once if one is free; else an idle pooled connection is closed to make one, and
+    /// the wait for it is bounded by the connect timeout (then `503
+    /// too_many_connections`, as for agent connections over their cap).
+    async fn connection_slot(&self, target: &Target) -> Result<OwnedSemaphorePermit, ProxyError> {
+        if let Ok(slot) = self.slots.clone().try_acquire_owned() {
+            return Ok(slot);
+        }
+        self.pool.close_an_idle_connection();
+        let wait = self.slots.clone().acquire_owned();
+        match tokio::time::timeout(self.settings.connect_timeout, wait).await {
+            Ok(Ok(slot)) => Ok(slot),
+            _ => Err(ProxyError::new(
+                ErrorKind::TooManyConnections,
+                format!(
+                    "{} upstream connections are open already; none came free for {}",
+                    self.settings.max_connections, target.host
+                ),
+            )),
         }
     }
 
@@ -339,6 +383,7 @@ impl Upstream {
     /// Opens a new connection to `target` (not pooled yet: an HTTP/1.1 one is pooled when
     /// it takes its request, an HTTP/2 one by [`pool::Dialing::finish`]).
     async fn connect(&self, target: &Target) -> Result<Sender, ProxyError> {
+        let slot = self.connection_slot(target).await?;
         let (io, h2) = self.dial(target, &self.tls).await?;
         let handshake_err = |e: &dyn std::fmt::Display| {
             ProxyError::new(
@@ -347,7 +392,7 @@ impl Upstream {
             )
         };
         if h2 {
-            let conn = H2Conn::handshake(io, self.settings.max_header_bytes)
+            let conn = H2Conn::handshake(io, self.settings.max_header_bytes, slot)
                 .await
                 .map_err(|e| handshake_err(&e))?;
             Ok(Sender::H2(conn))
@@ -358,6 +403,7 @@ impl Upstream {
                 .await
                 .map_err(|e| handshake_err(&e))?;
             let task = tokio::spawn(async move {
+                let _slot = slot;
                 let _ = conn.await;
             });
             Ok(Sender::H1(H1Conn {

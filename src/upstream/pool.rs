@@ -151,6 +151,19 @@ impl Pool {
         }
     }
 
+    /// Closes one idle HTTP/1.1 connection, if there is one, to give its place in the
+    /// upstream connection budget to a new connection.
+    pub(super) fn close_an_idle_connection(&self) {
+        let mut slots = self.lock();
+        for slot in slots.values_mut() {
+            if let Some(i) = slot.h1.iter().position(|(c, _)| c.send.is_ready()) {
+                let (conn, _) = slot.h1.swap_remove(i);
+                conn.close();
+                return;
+            }
+        }
+    }
+
     /// Drops closed connections, idle ones past their time, and slots left empty.
     pub(super) fn reap(&self) {
         let mut slots = self.lock();
