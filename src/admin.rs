@@ -4,8 +4,10 @@
 //! Kept apart from the proxy listener so the agent's port never serves anything but
 //! proxying, and so probes keep answering while the proxy port is saturated.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
@@ -16,45 +18,69 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::task::AbortHandle;
 
 use crate::error::{ProxyBody, full_body};
 use crate::proxy::ProxyState;
 use crate::proxy::listener::Acceptor;
 
-/// Admin connections served at once. Further ones wait in the listen backlog, where they
-/// hold no descriptor of ours: the admin listener's descriptors are bounded, and they are
-/// kept out of the agent connections' share (`app::connection_cap`), so probes keep
-/// answering while the proxy listener is at its cap.
+/// Admin connections served at once, so the admin listener's descriptors are bounded;
+/// they are kept out of the agent connections' share (`app::connection_cap`), so probes
+/// keep answering while the proxy listener is at its cap.
 pub(crate) const ADMIN_CONNECTIONS: usize = 16;
 
+/// How long an admin connection may take to send its request: a probe sends it at once.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a whole admin exchange may take (the CA bundle to a slow reader included).
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves the admin endpoints until the process exits.
+///
+/// The agent can reach this port (the image listens on every interface), so a few
+/// connections that never finish their request must not take every slot: a connection
+/// that finds them all taken closes the oldest one still open rather than wait behind it.
+/// A probe's whole exchange takes well under a millisecond, so only connections that
+/// linger are ever closed this way.
 pub async fn serve(listener: TcpListener, state: Arc<ProxyState>) {
     let ca_pem = Bytes::from(state.leaves.ca().cert_pem().to_owned());
     let slots = Arc::new(Semaphore::new(ADMIN_CONNECTIONS));
+    let mut open: VecDeque<AbortHandle> = VecDeque::with_capacity(ADMIN_CONNECTIONS);
     let mut acceptor = Acceptor::new(listener, "admin");
     loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
         // A connection accepted on the spare descriptor is served too: a probe answered
         // while the proxy is out of descriptors is the point of the spare.
         let stream = acceptor.accept().await.stream;
+        open.retain(|task| !task.is_finished());
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                if let Some(oldest) = open.pop_front() {
+                    oldest.abort();
+                }
+                match slots.clone().acquire_owned().await {
+                    Ok(slot) => slot,
+                    Err(_) => return,
+                }
+            }
+        };
         let (state, ca_pem) = (state.clone(), ca_pem.clone());
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let response = route(&req, &state, &ca_pem);
                 async move { Ok::<_, Infallible>(response) }
             });
             // One request per connection: a slot is free again as soon as its answer is
             // sent, so idle keep-alive connections cannot hold the slots a probe needs.
-            let _ = http1::Builder::new()
+            let exchange = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .keep_alive(false)
-                .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+                .header_read_timeout(HEAD_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(EXCHANGE_TIMEOUT, exchange).await;
             drop(slot);
         });
+        open.push_back(task.abort_handle());
     }
 }
 

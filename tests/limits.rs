@@ -394,3 +394,32 @@ async fn an_agent_fan_out_meets_the_upstream_connection_budget_not_the_descripto
     );
     drop(held);
 }
+
+/// The agent can reach the admin port: connections that never finish their request must
+/// not take the slots a health probe needs (the image's HEALTHCHECK gives it 3 s).
+#[tokio::test]
+async fn half_sent_admin_requests_do_not_starve_the_health_probe() {
+    let (ca, up) = upstream().await;
+    let proxy = ProxyBuilder::new(&routes(up.port()))
+        .upstream(&ca, &[("api.test", up.port())])
+        .start();
+    let mut lingering = Vec::new();
+    for _ in 0..40 {
+        let mut tcp = tokio::net::TcpStream::connect(proxy.admin).await.unwrap();
+        tcp.write_all(b"GET /healthz HTTP/1.1\r\nhost: admin\r\n")
+            .await
+            .unwrap();
+        lingering.push(tcp);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..3 {
+        let started = Instant::now();
+        assert_eq!(
+            healthz(&proxy).await,
+            200,
+            "/healthz starved by half-sent requests"
+        );
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
+    drop(lingering);
+}
