@@ -56,6 +56,8 @@ const MAX_FRAME_SIZE: u32 = 64 * 1024;
 pub(super) struct H2Conn {
     send: h2::client::SendRequest<Bytes>,
     shared: Arc<H2Shared>,
+    /// The task that drives the connection, aborted to close it at once.
+    task: tokio::task::AbortHandle,
 }
 
 #[derive(Default)]
@@ -66,6 +68,8 @@ struct H2Shared {
     /// Requests sent and not yet finished (response body read or dropped): how many more
     /// the connection may take, and whether the keep-alive pings run.
     open_streams: AtomicUsize,
+    /// How many pool sweeps in a row found no request open on it.
+    idle_sweeps: AtomicUsize,
 }
 
 impl H2Conn {
@@ -89,11 +93,37 @@ impl H2Conn {
         let (send, conn) = b.handshake::<_, Bytes>(io).await?;
         let shared = Arc::new(H2Shared::default());
         let shared_for_driver = shared.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let _slot = slot;
             drive(conn, shared_for_driver).await;
         });
-        Ok(H2Conn { send, shared })
+        Ok(H2Conn {
+            send,
+            shared,
+            task: task.abort_handle(),
+        })
+    }
+
+    /// Closes the connection at once (it has no request open: see [`H2Conn::is_idle`]).
+    pub(super) fn close(&self) {
+        self.shared.closed.store(true, Ordering::Relaxed);
+        self.task.abort();
+    }
+
+    /// Whether no request is open on the connection.
+    pub(super) fn is_idle(&self) -> bool {
+        self.shared.open_streams.load(Ordering::Relaxed) == 0
+    }
+
+    /// Counts one more pool sweep that found the connection idle (or starts over when it
+    /// was not); how many in a row.
+    pub(super) fn idle_sweeps(&self) -> usize {
+        if self.is_idle() {
+            self.shared.idle_sweeps.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            self.shared.idle_sweeps.store(0, Ordering::Relaxed);
+            0
+        }
     }
 
     pub(super) fn is_closed(&self) -> bool {
@@ -108,7 +138,7 @@ impl H2Conn {
     }
 
     /// Counts a request as open until the returned guard is dropped.
-    fn open_stream(&self) -> OpenStream {
+    pub(super) fn open_stream(&self) -> OpenStream {
         self.shared.open_streams.fetch_add(1, Ordering::Relaxed);
         OpenStream {
             shared: self.shared.clone(),
@@ -116,12 +146,28 @@ impl H2Conn {
         }
     }
 
-    /// Sends `req` on a new stream and waits for the response head, within the response
-    /// timeout as [`await_head`] counts it (a wait for a stream slot included). A request
-    /// the connection refused before anything of it went out comes back in
-    /// [`SendError::Unsent`], and the connection is marked closed.
+    /// [`H2Conn::send_counted`] on a stream counted now.
+    #[cfg(test)]
     pub(super) async fn send(
         &self,
+        target: &Target,
+        req: Request<ProxyBody>,
+        upload: Option<&Arc<UploadState>>,
+        timeout: Duration,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        self.send_counted(self.open_stream(), target, req, upload, timeout)
+            .await
+    }
+
+    /// Sends `req` on a new stream, counted in `open` (taken when the connection was
+    /// checked out, so that no more streams are handed out than it takes), and waits for
+    /// the response head, within the response timeout as [`await_head`] counts it (a wait
+    /// for a stream slot included). A request the connection refused before anything of
+    /// it went out comes back in [`SendError::Unsent`]; a connection that refused it
+    /// because it is going away or gone is marked closed.
+    pub(super) async fn send_counted(
+        &self,
+        mut open: OpenStream,
         target: &Target,
         mut req: Request<ProxyBody>,
         upload: Option<&Arc<UploadState>>,
@@ -134,7 +180,6 @@ impl H2Conn {
                 format!("HTTP/2 connection to {}: {e}", target.host),
             )
         };
-        let mut open = self.open_stream();
         let work = async {
             let mut send = match self.send.clone().ready().await {
                 Ok(send) => send,
@@ -146,7 +191,10 @@ impl H2Conn {
             // gone with it, so only a replayable request is tried again (by the caller).
             let (response, stream) = send
                 .send_request(Request::from_parts(parts, ()), eos)
-                .map_err(|e| (unavailable(e), Refused::HeadLost))?;
+                .map_err(|e| {
+                    let gone = e.is_go_away() || e.is_io();
+                    (unavailable(e), Refused::HeadLost { gone })
+                })?;
             // The upload's copier stops (and resets the stream) once the request is
             // abandoned: its response timed out or failed, or was dropped unread.
             let mut upload_alive = None;
@@ -163,15 +211,17 @@ impl H2Conn {
         match await_head(work, upload.map(|u| &**u), timeout).await {
             Err(()) => Err(SendError::Final(super::response_timeout(target))),
             Ok(Err((e, Refused::No))) => Err(SendError::NoResponse(e)),
-            Ok(Err((e, refused))) => {
-                // Refused before the request went out (a GOAWAY, or the connection
-                // ended): the connection takes no more.
+            Ok(Err((e, Refused::Whole(req)))) => {
+                // Not ready for a new stream: a GOAWAY, or the connection ended. It takes
+                // no more.
                 self.shared.closed.store(true, Ordering::Relaxed);
-                let back = match refused {
-                    Refused::Whole(req) => Some(req),
-                    _ => None,
-                };
-                Err(SendError::Unsent(e, back))
+                Err(SendError::Unsent(e, Some(req)))
+            }
+            Ok(Err((e, Refused::HeadLost { gone }))) => {
+                if gone {
+                    self.shared.closed.store(true, Ordering::Relaxed);
+                }
+                Err(SendError::Unsent(e, None))
             }
             Ok(Ok((r, upload_alive))) => {
                 let (parts, recv) = r.into_parts();
@@ -191,8 +241,11 @@ enum Refused {
     /// Refused whole: it can go on another connection.
     Whole(Box<Request<ProxyBody>>),
     /// Refused as it was being sent: its head is gone (only a replayable request, copied
-    /// beforehand, is tried again).
-    HeadLost,
+    /// beforehand, is tried again); `gone` when the connection is (a GOAWAY, an I/O error)
+    /// rather than the request at fault.
+    HeadLost {
+        gone: bool,
+    },
 }
 
 /// HTTP/2 carries the authority in the URI (`:authority`), not in `Host`: the request's

@@ -146,7 +146,7 @@ impl Upstream {
     pub fn spawn_reaper(self: &Arc<Self>) {
         let weak: Weak<Upstream> = Arc::downgrade(self);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(15));
+            let mut tick = tokio::time::interval(pool::SWEEP_EVERY);
             loop {
                 tick.tick().await;
                 match weak.upgrade() {
@@ -376,7 +376,7 @@ impl Upstream {
                     }
                 }
             }
-            Sender::H2(conn) => conn.send(target, req, upload, timeout).await,
+            Sender::H2(conn, open) => conn.send_counted(open, target, req, upload, timeout).await,
         }
     }
 
@@ -395,7 +395,8 @@ impl Upstream {
             let conn = H2Conn::handshake(io, self.settings.max_header_bytes, slot)
                 .await
                 .map_err(|e| handshake_err(&e))?;
-            Ok(Sender::H2(conn))
+            let open = conn.open_stream();
+            Ok(Sender::H2(conn, open))
         } else {
             let (sender, conn) = self
                 .h1_builder()

@@ -19,18 +19,23 @@ use hyper::client::conn::http1;
 use tokio::sync::watch;
 
 use super::Target;
-use super::h2::H2Conn;
+use super::h2::{H2Conn, OpenStream};
 use crate::error::{ProxyBody, ProxyError};
 
 /// How long an idle HTTP/1.1 connection is kept, and how many (in use or idle) are kept
 /// per target.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 const MAX_H1_PER_TARGET: usize = 64;
+/// How often the pool is swept, and after how many sweeps in a row that found it with no
+/// request open an HTTP/2 connection is closed (about [`IDLE_TIMEOUT`]).
+pub(super) const SWEEP_EVERY: Duration = Duration::from_secs(15);
+const H2_IDLE_SWEEPS: usize = 6;
 
 /// A connection a request can be sent on.
 pub(super) enum Sender {
     H1(H1Conn),
-    H2(H2Conn),
+    /// A shared connection, and the stream this request counts as on it.
+    H2(H2Conn, OpenStream),
 }
 
 /// An HTTP/1.1 connection: its sender, and the task that drives it, aborted to close the
@@ -72,7 +77,8 @@ pub(super) enum Checkout {
 struct Slot {
     /// HTTP/2 connections, oldest first.
     h2: Vec<H2Conn>,
-    /// HTTP/1.1 connections, in use or idle, each with when it last took a request. One
+    /// HTTP/1.1 connections, in use or idle, each with when it was last seen busy (taking
+    /// a request, or found busy by a checkout or a sweep). One
     /// in use is not ready until its response has been read to the end, so it stays here
     /// rather than coming back from a task that waits for that.
     h1: Vec<(H1Conn, Instant)>,
@@ -98,15 +104,18 @@ impl Pool {
         let slot = slots.entry(target.clone()).or_default();
         slot.h2.retain(|c| !c.is_closed());
         if let Some(c) = slot.h2.iter().find(|c| c.can_take()) {
-            return Checkout::Reuse(Sender::H2(c.clone()));
+            // Counted now, under the lock: no more streams are handed out than it takes.
+            return Checkout::Reuse(Sender::H2(c.clone(), c.open_stream()));
         }
         // An idle connection: ready for its next request, and not idle for too long.
         // Closed ones and idle ones past their time are dropped on the way.
         let mut now = None;
         let mut i = 0;
         while i < slot.h1.len() {
-            let (conn, since) = &slot.h1[i];
+            let (conn, since) = &mut slot.h1[i];
             if !conn.send.is_closed() && !conn.send.is_ready() {
+                // Busy: its idle time starts when it is next seen free.
+                *since = *now.get_or_insert_with(Instant::now);
                 i += 1;
                 continue;
             }
@@ -151,8 +160,9 @@ impl Pool {
         }
     }
 
-    /// Closes one idle HTTP/1.1 connection, if there is one, to give its place in the
-    /// upstream connection budget to a new connection.
+    /// Closes one idle connection, if there is one (HTTP/1.1 first: an HTTP/2 one may
+    /// serve many requests), to give its place in the upstream connection budget to a new
+    /// connection.
     pub(super) fn close_an_idle_connection(&self) {
         let mut slots = self.lock();
         for slot in slots.values_mut() {
@@ -162,20 +172,35 @@ impl Pool {
                 return;
             }
         }
+        for slot in slots.values_mut() {
+            if let Some(i) = slot.h2.iter().position(|c| c.is_idle()) {
+                slot.h2.swap_remove(i).close();
+                return;
+            }
+        }
     }
 
     /// Drops closed connections, idle ones past their time, and slots left empty.
     pub(super) fn reap(&self) {
         let mut slots = self.lock();
         slots.retain(|_, slot| {
-            slot.h1.retain(|(c, since)| {
-                let idle_too_long = c.send.is_ready() && since.elapsed() >= IDLE_TIMEOUT;
+            let now = Instant::now();
+            slot.h1.retain_mut(|(c, since)| {
+                if !c.send.is_ready() {
+                    *since = now;
+                }
+                let idle_too_long = c.send.is_ready() && now.duration_since(*since) >= IDLE_TIMEOUT;
                 if idle_too_long {
                     c.close();
                 }
                 !(c.send.is_closed() || idle_too_long)
             });
-            slot.h2.retain(|c| !c.is_closed());
+            slot.h2.retain(|c| {
+                if c.idle_sweeps() >= H2_IDLE_SWEEPS {
+                    c.close();
+                }
+                !c.is_closed()
+            });
             !slot.h2.is_empty() || !slot.h1.is_empty() || slot.dialing.is_some()
         });
     }
@@ -200,7 +225,7 @@ impl Dialing {
     /// wakes those waiting for it.
     pub(super) fn finish(mut self, outcome: Result<&Sender, &ProxyError>) {
         let setup = match outcome {
-            Ok(Sender::H2(conn)) => Setup::Shared(conn.clone()),
+            Ok(Sender::H2(conn, _)) => Setup::Shared(conn.clone()),
             Ok(Sender::H1(_)) => Setup::NotShared,
             Err(e) => Setup::Failed(e.clone()),
         };
@@ -272,7 +297,8 @@ mod tests {
             }
         }
         let conn = upstream(100, None).await;
-        first.finish(Ok(&Sender::H2(conn)));
+        let open = conn.open_stream();
+        first.finish(Ok(&Sender::H2(conn, open)));
         for mut rx in waiters {
             let setup = rx.wait_for(|s| !matches!(s, Setup::Pending)).await.unwrap();
             assert!(matches!(*setup, Setup::Shared(_)));
@@ -280,7 +306,7 @@ mod tests {
         // The connection is pooled, and taken again.
         assert!(matches!(
             pool.checkout(&target()),
-            Checkout::Reuse(Sender::H2(_))
+            Checkout::Reuse(Sender::H2(..))
         ));
     }
 
@@ -316,7 +342,7 @@ mod tests {
         let pool = Arc::new(Pool::default());
         // An upstream that allows one stream: once it is taken, the next request dials.
         let conn = upstream(1, None).await;
-        dialing(pool.checkout(&target())).finish(Ok(&Sender::H2(conn.clone())));
+        dialing(pool.checkout(&target())).finish(Ok(&Sender::H2(conn.clone(), conn.open_stream())));
         let t = target();
         let _ = conn
             .send(&t, empty_get(), None, Duration::from_secs(5))
@@ -338,7 +364,7 @@ mod tests {
         // A connection that went away (a GOAWAY) is dropped from the pool.
         let pool = Arc::new(Pool::default());
         let conn = upstream(100, Some(1)).await;
-        dialing(pool.checkout(&target())).finish(Ok(&Sender::H2(conn.clone())));
+        dialing(pool.checkout(&target())).finish(Ok(&Sender::H2(conn.clone(), conn.open_stream())));
         let _ = conn
             .send(&t, empty_get(), None, Duration::from_secs(5))
             .await;
@@ -362,6 +388,37 @@ mod tests {
         // Two requests at once each dial: nothing to share.
         let _a = dialing(pool.checkout(&target()));
         let _b = dialing(pool.checkout(&target()));
+    }
+
+    #[tokio::test]
+    async fn idle_http2_connections_are_closed_by_the_sweeps_or_to_make_room() {
+        let pool = Arc::new(Pool::default());
+        let conn = upstream(100, None).await;
+        dialing(pool.checkout(&target())).finish(Ok(&Sender::H2(conn.clone(), conn.open_stream())));
+        // A request open on it keeps it, however many sweeps pass.
+        let busy = conn.open_stream();
+        for _ in 0..2 * H2_IDLE_SWEEPS {
+            pool.reap();
+        }
+        assert!(!conn.is_closed());
+        drop(busy);
+        for _ in 0..H2_IDLE_SWEEPS - 1 {
+            pool.reap();
+        }
+        assert!(!conn.is_closed(), "closed before its idle time");
+        pool.reap();
+        assert!(
+            conn.is_closed(),
+            "an idle HTTP/2 connection is kept for ever"
+        );
+        let _redial = dialing(pool.checkout(&target()));
+
+        // The connection budget closes an idle one at once.
+        let pool = Arc::new(Pool::default());
+        let conn = upstream(100, None).await;
+        dialing(pool.checkout(&target())).finish(Ok(&Sender::H2(conn.clone(), conn.open_stream())));
+        pool.close_an_idle_connection();
+        assert!(conn.is_closed());
     }
 
     fn empty_get() -> http::Request<ProxyBody> {
