@@ -157,6 +157,16 @@ async fn an_http1_agent_that_stops_reading_is_cut_and_its_upstream_released() {
             after >= Duration::from_millis(1900),
             "{alpn:?}: released too early: {after:?}"
         );
+        let logged = within(Duration::from_secs(5), || {
+            proxy
+                .logs()
+                .contains("\"detail\":\"cut: the agent read nothing for 2s\"")
+        });
+        assert!(
+            logged.await.is_some(),
+            "{alpn:?}: the cut is not in the log: {}",
+            proxy.logs()
+        );
         // The agent's connection is closed: reading what was buffered ends, without the
         // whole 64 MiB.
         let mut total = 0usize;
@@ -231,6 +241,11 @@ async fn an_http2_agent_with_closed_windows_holds_nothing_upstream_past_the_time
             after >= Duration::from_millis(4900),
             "{alpn:?}: released too early: {after:?}"
         );
+        let cuts = proxy
+            .logs()
+            .matches("\"detail\":\"cut: the agent read nothing for 5s\"")
+            .count();
+        assert_eq!(cuts, STREAMS, "{alpn:?}: {}", proxy.logs());
         drop(responses);
     }
 }

@@ -5,8 +5,8 @@
 //! knows a streamed request has really finished.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -16,6 +16,10 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
 use crate::error::{BodyError, BoxError};
+
+/// Why a request's body was cut short, if it was, for the request's log record (the
+/// agent already has its status line by then): written once, by whatever cut it.
+pub type CutNote = Arc<OnceLock<String>>;
 
 pin_project! {
     /// Wraps a body: counts its bytes into `bytes`, fails it after `idle` without a
@@ -27,6 +31,8 @@ pin_project! {
         silence: Sleep,
         idle: Duration,
         bytes: Arc<AtomicU64>,
+        // Where a failure is noted, and whose body this is ("the agent", "the upstream").
+        note: Option<(CutNote, &'static str)>,
         _keep: K,
     }
 }
@@ -38,8 +44,15 @@ impl<B, K> Tracked<B, K> {
             silence: tokio::time::sleep(idle),
             idle,
             bytes,
+            note: None,
             _keep: keep,
         }
+    }
+
+    /// Notes in `note` why the body failed, if it does: `from`'s silence or error.
+    pub fn noting(mut self, note: CutNote, from: &'static str) -> Self {
+        self.note = Some((note, from));
+        self
     }
 }
 
@@ -64,12 +77,23 @@ where
                 this.silence.as_mut().reset(Instant::now() + *this.idle);
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyError(e.into())))),
+            Poll::Ready(Some(Err(e))) => {
+                let e: BoxError = e.into();
+                if let Some((note, from)) = this.note {
+                    let _ = note.set(format!("cut: {from}'s body failed: {e}"));
+                }
+                Poll::Ready(Some(Err(BodyError(e))))
+            }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => match this.silence.poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(BodyError(
-                    format!("no body data for {}s", this.idle.as_secs_f64()).into(),
-                )))),
+                Poll::Ready(()) => {
+                    let secs = this.idle.as_secs_f64();
+                    if let Some((note, from)) = this.note {
+                        let _ = note.set(format!("cut: {from} sent nothing for {secs}s"));
+                    }
+                    let e = format!("no body data for {secs}s");
+                    Poll::Ready(Some(Err(BodyError(e.into()))))
+                }
                 Poll::Pending => Poll::Pending,
             },
         }

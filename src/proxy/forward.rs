@@ -21,7 +21,7 @@ use hyper_util::rt::TokioIo;
 use pin_project_lite::pin_project;
 
 use super::ClientConn;
-use super::body::{RecordSized, Tracked};
+use super::body::{CutNote, RecordSized, Tracked};
 use super::framing::HeadLog;
 use super::intercept::Tunnel;
 use super::stall::Cuttable;
@@ -184,7 +184,9 @@ async fn process(
         inner: body,
         route_header: grant.injection.map(|i| i.header),
     };
-    let upstream_body = Tracked::new(body, body_idle, record.bytes_up.clone(), ()).boxed_unsync();
+    let upstream_body = Tracked::new(body, body_idle, record.bytes_up.clone(), ())
+        .noting(record.cut.clone(), "the agent")
+        .boxed_unsync();
     let upstream_req = Request::from_parts(parts, upstream_body);
 
     let sent = match agent_upgrade {
@@ -231,14 +233,18 @@ async fn process(
     let (mut parts, body) = response.into_parts();
     rewrite_response_headers(&mut parts.headers, false);
     let bytes_down = record.bytes_down.clone();
+    let cut = record.cut.clone();
     let keep = (record, in_flight);
     let body = if h1 {
-        Tracked::new(body, body_idle, bytes_down, keep).boxed_unsync()
+        Tracked::new(body, body_idle, bytes_down, keep)
+            .noting(cut, "the upstream")
+            .boxed_unsync()
     } else {
         // One stream's window can be full while the connection moves: its own watcher
         // cuts it (`stall`); an HTTP/1.1 agent's full socket is `WriteStall`'s.
-        let body = Tracked::new(RecordSized::new(body), body_idle, bytes_down, keep);
-        Cuttable::new(body, body_idle).boxed_unsync()
+        let body = Tracked::new(RecordSized::new(body), body_idle, bytes_down, keep)
+            .noting(cut.clone(), "the upstream");
+        Cuttable::new(body, body_idle, cut).boxed_unsync()
     };
     Response::from_parts(parts, body)
 }
@@ -421,6 +427,10 @@ struct RequestRecord {
     decision: &'static str,
     reason: Option<&'static str>,
     detail: Option<String>,
+    /// Why the request's body was cut short after its status line went out, if it was:
+    /// noted by the body, or by the connection's write-stall watch.
+    cut: CutNote,
+    write_stall: super::stall::StallSwitch,
     status: u16,
     bytes_up: Arc<AtomicU64>,
     bytes_down: Arc<AtomicU64>,
@@ -447,6 +457,8 @@ impl RequestRecord {
             decision: "allow",
             reason: None,
             detail: None,
+            cut: CutNote::default(),
+            write_stall: conn.write_stall.clone(),
             status: 0,
             bytes_up: Arc::new(AtomicU64::new(0)),
             bytes_down: Arc::new(AtomicU64::new(0)),
@@ -501,7 +513,11 @@ impl Drop for RequestRecord {
             route = self.route,
             decision = self.decision,
             reason = self.reason,
-            detail = self.detail.as_deref(),
+            detail = self
+                .detail
+                .as_deref()
+                .or(self.cut.get().map(String::as_str))
+                .or(self.write_stall.cut()),
             status = self.status,
             bytes_up = up,
             bytes_down = down,

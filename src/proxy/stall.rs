@@ -20,7 +20,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -29,20 +29,34 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use super::body::CutNote;
 use crate::error::BodyError;
 
-/// Turns a connection's [`WriteStall`] off for good: the connection carries a WebSocket
-/// now, which may leave its writes blocked for as long as the agent likes.
+/// A connection's [`WriteStall`], as the rest of the proxy sees it: turned off for good
+/// once the connection carries a WebSocket (which may leave its writes blocked for as long
+/// as the agent likes), and saying why it cut the connection, if it did, for the log
+/// record of the request that was in flight.
 #[derive(Debug, Clone, Default)]
-pub struct StallSwitch(Arc<AtomicBool>);
+pub struct StallSwitch(Arc<SwitchState>);
+
+#[derive(Debug, Default)]
+struct SwitchState {
+    off: AtomicBool,
+    cut: OnceLock<String>,
+}
 
 impl StallSwitch {
     pub fn turn_off(&self) {
-        self.0.store(true, Ordering::Relaxed);
+        self.0.off.store(true, Ordering::Relaxed);
     }
 
     fn is_off(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.0.off.load(Ordering::Relaxed)
+    }
+
+    /// Why the connection was cut, once it was.
+    pub fn cut(&self) -> Option<&str> {
+        self.0.cut.get().map(String::as_str)
     }
 }
 
@@ -99,10 +113,11 @@ impl<IO> WriteStall<IO> {
         };
         self.stalled = true;
         match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("the agent read nothing for {}s", self.timeout.as_secs_f64()),
-            ))),
+            Poll::Ready(()) => {
+                let why = format!("the agent read nothing for {}s", self.timeout.as_secs_f64());
+                let _ = self.switch.0.cut.set(format!("cut: {why}"));
+                Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, why)))
+            }
             Poll::Pending => Poll::Pending,
         }
     }
@@ -163,6 +178,10 @@ struct Shared<B> {
     epoch: Instant,
     /// When the body last gave hyper a frame, in ms since `epoch`.
     moved_ms: AtomicU64,
+    /// hyper's last poll found no frame ready: it is waiting on the upstream, whose
+    /// silence the body's own timer cuts; the agent is not the one holding it up.
+    waiting_on_upstream: AtomicBool,
+    note: CutNote,
 }
 
 impl<B> Shared<B> {
@@ -181,11 +200,14 @@ pub struct Cuttable<B> {
 }
 
 impl<B: Send + 'static> Cuttable<B> {
-    pub fn new(body: B, timeout: Duration) -> Self {
+    /// Watches `body`; a cut is noted in `note` for the request's log record.
+    pub fn new(body: B, timeout: Duration, note: CutNote) -> Self {
         let shared = Arc::new(Shared {
             body: Mutex::new(Some(Box::pin(body))),
             epoch: Instant::now(),
             moved_ms: AtomicU64::new(0),
+            waiting_on_upstream: AtomicBool::new(false),
+            note,
         });
         let (alive, gone) = tokio::sync::oneshot::channel();
         tokio::spawn(watch(shared.clone(), gone, timeout));
@@ -208,14 +230,23 @@ async fn watch<B>(
             _ = &mut gone => return,
             _ = tokio::time::sleep_until(deadline) => {}
         }
+        let now = Instant::now();
         let moved = shared.moved_at() + timeout;
-        if moved > Instant::now() {
+        if moved > now {
             deadline = moved;
+            continue;
+        }
+        if shared.waiting_on_upstream.load(Ordering::Relaxed) {
+            // The body's own silence timer is running, and fails it.
+            deadline = now + timeout;
             continue;
         }
         let body = shared.body.lock().unwrap_or_else(|p| p.into_inner()).take();
         if body.is_some() {
-            tracing::debug!("the agent read nothing of a response for the timeout; cutting it");
+            let secs = timeout.as_secs_f64();
+            let _ = shared
+                .note
+                .set(format!("cut: the agent read nothing for {secs}s"));
         }
         // Dropped outside the lock: the body's drop logs the request and releases its
         // upstream stream or connection.
@@ -243,6 +274,9 @@ where
             ))));
         };
         let polled = body.as_mut().poll_frame(cx);
+        this.shared
+            .waiting_on_upstream
+            .store(polled.is_pending(), Ordering::Relaxed);
         if let Poll::Ready(Some(Ok(_))) = &polled {
             let ms = this.shared.epoch.elapsed().as_millis() as u64;
             this.shared.moved_ms.store(ms, Ordering::Relaxed);
@@ -284,7 +318,8 @@ mod tests {
             let _ = &flag;
             f
         });
-        let mut body = Box::pin(Cuttable::new(body, Duration::from_secs(5)));
+        let note = CutNote::default();
+        let mut body = Box::pin(Cuttable::new(body, Duration::from_secs(5), note.clone()));
         // Read for a while, a frame every 4 s: never cut.
         for _ in 0..2 {
             tokio::time::sleep(Duration::from_secs(4)).await;
@@ -296,9 +331,37 @@ mod tests {
         assert!(!dropped.load(Ordering::SeqCst));
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(dropped.load(Ordering::SeqCst));
+        assert_eq!(
+            note.get().map(String::as_str),
+            Some("cut: the agent read nothing for 5s")
+        );
         // What hyper reads next is an error, so the stream is reset.
         let e = body.as_mut().frame().await.unwrap().unwrap_err();
         assert!(e.to_string().contains("read nothing"), "{e}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_waiting_on_a_silent_upstream_is_left_to_its_own_timer() {
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = DropFlag(dropped.clone());
+        let silent = StreamBody::new(futures_util::stream::pending::<
+            Result<Frame<Bytes>, BodyError>,
+        >())
+        .map_frame(move |f| {
+            let _ = &flag;
+            f
+        });
+        let note = CutNote::default();
+        let mut body = Box::pin(Cuttable::new(silent, Duration::from_secs(5), note.clone()));
+        // hyper asks, and nothing is there: the upstream is the silent one.
+        let asked = tokio::time::timeout(Duration::from_millis(10), body.as_mut().frame()).await;
+        assert!(asked.is_err());
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(
+            !dropped.load(Ordering::SeqCst),
+            "the agent was blamed for the upstream's silence"
+        );
+        assert!(note.get().is_none());
     }
 
     #[tokio::test(start_paused = true)]
