@@ -123,10 +123,16 @@ impl Acceptor {
                 }
                 Err(e) => e,
             };
-            if out_of_descriptors(&e)
-                && self.spare.take().is_some()
-                && let Ok((stream, peer)) = self.listener.accept().await
-            {
+            // Out of descriptors: close the spare (dropped here, before the accept) so
+            // that the connection waiting can be taken and answered.
+            let spare = if out_of_descriptors(&e) {
+                self.spare.take()
+            } else {
+                None
+            };
+            let gave_up_spare = spare.is_some();
+            drop(spare);
+            if gave_up_spare && let Ok((stream, peer)) = self.listener.accept().await {
                 // Progress: the next failure need not wait long.
                 self.pause = ACCEPT_PAUSE_MIN;
                 self.log_burst_start(&e);

@@ -187,6 +187,11 @@ impl Drop for InFlight {
 /// before it is dropped. With [`linger::SHUTDOWN_LINGER`] after it, an idle connection is
 /// gone within 3 s of SIGTERM (SPEC §5).
 const IDLE_CLOSE_ON_SHUTDOWN: Duration = Duration::from_millis(500);
+// SPEC §5: with nothing in flight the process exits within 3 s of SIGTERM; an idle
+// connection's close on shutdown and its linger after it must fit in that, with room for
+// the exit itself.
+const _: () =
+    assert!(IDLE_CLOSE_ON_SHUTDOWN.as_millis() + linger::SHUTDOWN_LINGER.as_millis() <= 2000);
 
 /// How often a draining connection checks whether its last request has finished.
 const DRAIN_POLL: Duration = Duration::from_millis(50);

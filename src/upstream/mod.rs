@@ -40,8 +40,10 @@ use crate::chain::{NoProxy, ProxyUrl};
 use crate::error::{ErrorKind, ProxyBody, ProxyError};
 use crate::routes::Host;
 
-/// How many connections one request may go through: a dial it waited for, a connection
-/// that refused it before it went out, the one replay.
+/// How many times one request may check out a connection: each wait for another
+/// request's dial and each connection that refused the request before it went out takes
+/// one (the one replay of SPEC §4.3 comes on top). The last attempt dials rather than
+/// waits.
 const MAX_ATTEMPTS: usize = 4;
 
 /// Operator-pinned addresses (`--resolve HOST:PORT:ADDR`), trusted as given.
