@@ -19,7 +19,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -31,6 +31,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::body::CutNote;
 use crate::error::BodyError;
+use crate::upstream::LastMoved;
 
 /// A connection's [`WriteStall`], as the rest of the proxy sees it: turned off for good
 /// once the connection carries a WebSocket (which may leave its writes blocked for as long
@@ -175,9 +176,8 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for WriteStall<IO> {
 struct Shared<B> {
     /// `None` once the watcher cut the body.
     body: Mutex<Option<Pin<Box<B>>>>,
-    epoch: Instant,
-    /// When the body last gave hyper a frame, in ms since `epoch`.
-    moved_ms: AtomicU64,
+    /// When the body last gave hyper a frame.
+    moved: LastMoved,
     /// hyper's last poll found no frame ready: it is waiting on the upstream, whose
     /// silence the body's own timer cuts; the agent is not the one holding it up.
     waiting_on_upstream: AtomicBool,
@@ -186,7 +186,7 @@ struct Shared<B> {
 
 impl<B> Shared<B> {
     fn moved_at(&self) -> Instant {
-        self.epoch + Duration::from_millis(self.moved_ms.load(Ordering::Relaxed))
+        self.moved.at()
     }
 }
 
@@ -204,8 +204,7 @@ impl<B: Send + 'static> Cuttable<B> {
     pub fn new(body: B, timeout: Duration, note: CutNote) -> Self {
         let shared = Arc::new(Shared {
             body: Mutex::new(Some(Box::pin(body))),
-            epoch: Instant::now(),
-            moved_ms: AtomicU64::new(0),
+            moved: LastMoved::now(),
             waiting_on_upstream: AtomicBool::new(false),
             note,
         });
@@ -278,8 +277,7 @@ where
             .waiting_on_upstream
             .store(polled.is_pending(), Ordering::Relaxed);
         if let Poll::Ready(Some(Ok(_))) = &polled {
-            let ms = this.shared.epoch.elapsed().as_millis() as u64;
-            this.shared.moved_ms.store(ms, Ordering::Relaxed);
+            this.shared.moved.moved();
         }
         polled
     }

@@ -73,15 +73,42 @@ impl Body for UpstreamBody {
     }
 }
 
+/// When a body last moved (the other side took a frame of it), as one atomic that the
+/// body stores to and a timer reads: the body's path pays no timer reset per frame.
+#[derive(Debug)]
+pub(crate) struct LastMoved {
+    epoch: Instant,
+    /// Milliseconds since `epoch`.
+    ms: AtomicU64,
+}
+
+impl LastMoved {
+    /// Moved last now.
+    pub(crate) fn now() -> LastMoved {
+        LastMoved {
+            epoch: Instant::now(),
+            ms: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn moved(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub(crate) fn at(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.ms.load(Ordering::Relaxed))
+    }
+}
+
 /// What a request's upload has done so far, shared between the body the upstream client
 /// reads and the request waiting for its response head.
 #[derive(Debug)]
 pub(super) struct UploadState {
-    epoch: Instant,
-    /// When the client last took a frame of the body (or found its end), in ms since
-    /// `epoch`: the client takes a frame only when the upstream has room for it, so this
-    /// is when the upload last moved.
-    moved_ms: AtomicU64,
+    /// When the client last took a frame of the body (or found its end): the client
+    /// takes a frame only when the upstream has room for it, so this is when the upload
+    /// last moved.
+    moved: LastMoved,
     /// The client is waiting for the agent's next frame: a silence that is the agent's,
     /// which its body's own timer reports (`proxy::body::Tracked`).
     awaiting_agent: AtomicBool,
@@ -92,20 +119,10 @@ pub(super) struct UploadState {
 impl UploadState {
     pub(super) fn new() -> UploadState {
         UploadState {
-            epoch: Instant::now(),
-            moved_ms: AtomicU64::new(0),
+            moved: LastMoved::now(),
             awaiting_agent: AtomicBool::new(false),
             agent_error: OnceLock::new(),
         }
-    }
-
-    fn moved(&self) {
-        let ms = self.epoch.elapsed().as_millis() as u64;
-        self.moved_ms.store(ms, Ordering::Relaxed);
-    }
-
-    fn moved_at(&self) -> Instant {
-        self.epoch + Duration::from_millis(self.moved_ms.load(Ordering::Relaxed))
     }
 
     /// Why the agent's own body failed, if it did.
@@ -147,7 +164,7 @@ impl<B: Body<Data = Bytes, Error = BodyError>> Body for Upload<B> {
             Poll::Ready(Some(Err(e))) => {
                 let _ = state.agent_error.set(e.to_string());
             }
-            Poll::Ready(_) => state.moved(),
+            Poll::Ready(_) => state.moved.moved(),
             Poll::Pending => {}
         }
         polled
@@ -184,7 +201,7 @@ pub(super) async fn await_head<F: Future>(
             return Err(());
         };
         let now = Instant::now();
-        let moved = upload.moved_at() + timeout;
+        let moved = upload.moved.at() + timeout;
         if moved > now {
             deadline = moved;
         } else if upload.awaiting_agent.load(Ordering::Relaxed) {
@@ -242,7 +259,7 @@ mod tests {
 
         // The same wait with a head that comes 5.1 s after the end is cut.
         let state = Arc::new(UploadState::new());
-        state.moved();
+        state.moved.moved();
         let late = tokio::time::sleep(Duration::from_millis(5100));
         assert_eq!(
             await_head(late, Some(&state), Duration::from_secs(5)).await,

@@ -32,6 +32,7 @@ use rustls::ClientConfig;
 use rustls_pki_types::CertificateDer;
 use tokio_rustls::TlsConnector;
 
+pub(crate) use self::body::LastMoved;
 pub use self::body::UpstreamBody;
 use self::body::{Upload, UploadState, await_head};
 use self::h2::H2Conn;
