@@ -1,4 +1,4 @@
-//! A fast local TLS origin for `scripts/bench`: hyper + rustls, HTTP/1.1 and HTTP/2 by
+//! A fast local TLS origin for `bench/bench`: hyper + rustls, HTTP/1.1 and HTTP/2 by
 //! ALPN, with a certificate for `bench.test`, `localhost` and 127.0.0.1 from a CA it writes out.
 //!
 //! Paths: `/small` (13 bytes), `/bytes/N` (N bytes streamed in 64 KiB chunks),

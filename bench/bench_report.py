@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes docs/benchmarks.md from docs/benchmarks.json (what scripts/bench measured).
+"""Writes docs/benchmarks.md from docs/benchmarks.json (what bench/bench measured).
 Kept apart from the measuring so the page can be re-rendered without a new run."""
 import json
 import os
@@ -88,14 +88,14 @@ def main():
     machine = f"{os.cpu_count()} cores, {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB, {platform.machine()}"
     text = f"""# Benchmarks
 
-Command: `scripts/bench` (here `BENCH_RUNS={r['runs']} BENCH_SECONDS={r['seconds']}`: request rates are
+Command: `bench/bench` (here `BENCH_RUNS={r['runs']} BENCH_SECONDS={r['seconds']}`: request rates are
 the medians of {r['runs']} runs of {r['seconds']} s each, transfers the medians of {r['runs']} runs; the reload row's
 p99s the medians of {r['reload'].get('pairs', r['runs'])} alternated pairs of runs, as one run's p99 moves by about as much as its goal allows).
 Machine: {machine}, shared by client, origin and proxy; loopback only. Clients: `oha` for
-request load, curl for transfers, small Python clients (in `scripts/bench.py`) for SSE,
+request load, curl for transfers, small Python clients (in `bench/bench.py`) for SSE,
 leaf minting and idle connections. Origin: `examples/bench_origin.rs` (hyper + rustls,
 one single-threaded runtime per core, offers h2 and http/1.1). egress-proxy: the release build, logging every request at `info`
-to a file, as deployed. mitmproxy {MITM} in regular mode with `scripts/bench_mitm_addon.py`
+to a file, as deployed. mitmproxy {MITM} in regular mode with `bench/bench_mitm_addon.py`
 (the same allowlist and header injection, bodies streamed). Ratio = through the proxy ÷
 direct, measured in the same run, with the runs of the targets alternated (direct,
 egress-proxy, mitmproxy, direct, ...) so that the machine's drift falls on all of them.

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Benchmarks (issue #8): each workload direct (client -> origin), through egress-proxy and
-through mitmproxy, in one run, on loopback; writes docs/benchmarks.md. Run by scripts/bench.
+through mitmproxy, in one run, on loopback; writes docs/benchmarks.md. Run by bench/bench.
 
 Request load comes from oha (installed from crates.io if missing), transfers from curl,
 SSE latency, leaf minting and idle connections from small clients in this file. The origin
 is the repo's own examples/bench_origin.rs (hyper + rustls, offers h2 and http/1.1).
-mitmproxy runs in regular mode with scripts/bench_mitm_addon.py doing the same allowlist
+mitmproxy runs in regular mode with bench/bench_mitm_addon.py doing the same allowlist
 and header injection, bodies streamed. Every loop is bounded in count and time.
 
 Environment: BENCH_RUNS (3), BENCH_SECONDS (5), BENCH_TRANSFER_MIB (1024),
@@ -172,7 +172,7 @@ class Setup:
                               "--set", f"confdir={self.work}/mitm",
                               "--set", f"ssl_verify_upstream_trusted_ca={self.origin_ca}",
                               "--set", "stream_large_bodies=1", "--set", "connection_strategy=lazy",
-                              "-s", f"{ROOT}/scripts/bench_mitm_addon.py"],
+                              "-s", f"{ROOT}/bench/bench_mitm_addon.py"],
                              env=env, stdout=subprocess.DEVNULL, stderr=open(f"{self.work}/mitm.log", "a"))
         procs.append(p)
         return p
@@ -541,7 +541,7 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
     with open(f"{ROOT}/docs/benchmarks.json", "w") as f:
         json.dump(results, f, indent=2)
-    subprocess.run([sys.executable, f"{ROOT}/scripts/bench_report.py"], check=True)
+    subprocess.run([sys.executable, f"{ROOT}/bench/bench_report.py"], check=True)
 
 
 if __name__ == "__main__":

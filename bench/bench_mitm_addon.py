@@ -1,4 +1,4 @@
-"""mitmproxy addon for scripts/bench: what egress-proxy does, done the mitmproxy way, so the
+"""mitmproxy addon for bench/bench: what egress-proxy does, done the mitmproxy way, so the
 two are compared doing the same work. Allowlist of host:port (CONNECT and each request),
 the agent's Authorization replaced by the route's token, bodies streamed both ways.
 

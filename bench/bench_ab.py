@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """A/B of egress-proxy builds: several binaries against one origin, their runs alternated
 (A, B, A, B, ...) so that the machine's drift falls on each alike; prints medians. For
-measuring one change at a time, which `scripts/bench` (every workload, once) cannot
-resolve on a shared machine. Loopback only, bounded like scripts/bench.py.
+measuring one change at a time, which `bench/bench` (every workload, once) cannot
+resolve on a shared machine. Loopback only, bounded like bench/bench.py.
 
-    scripts/bench_ab.py BIN_A,BIN_B [keepalive|newconn|download|upload|idle|mint]
+    bench/bench_ab.py BIN_A,BIN_B [keepalive|newconn|download|upload|idle|mint]
 
 A BIN named `direct` is the client talking to the origin itself (keepalive, newconn,
 download, upload), for the ratio the issue's goals are stated in.
