@@ -21,6 +21,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ["BENCH_MITM"] = "0"
+os.environ["BENCH_NGINX"] = "0"
 import bench  # noqa: E402
 
 N1, N2 = int(os.environ.get("N1", "300")), int(os.environ.get("N2", "1500"))
@@ -61,8 +62,7 @@ def main():
                 subprocess.run(["cp", f"{work}/b.out", os.environ["KEEP"]], check=True)
             print(f"{binary}: {(b - a) / (N2 - N1):,.0f} instructions/request")
     finally:
-        for p in bench.procs:
-            p.kill()
+        bench.stop_all()
 
 
 if __name__ == "__main__":
