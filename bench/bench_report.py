@@ -182,7 +182,7 @@ Peers, doing the same work per request:
 - nginx (Debian's `nginx-light`), one worker process: TLS from the client (TLS 1.3, AES-128-GCM preferred, as
   egress-proxy prefers it), `proxy_set_header Authorization`, verified TLS to the origin
   (`proxy_ssl_verify on` with the bench's origin CA) over a keep-alive pool of HTTP/1.1 connections, bodies
-  unbuffered both ways, one access-log line per request written in 16 KiB batches, as egress-proxy batches its
+  unbuffered both ways in reads of up to 64 KiB (egress-proxy's read-ahead size), one access-log line per request written in 16 KiB batches, as egress-proxy batches its
   audit lines (the configuration is `nginx_conf` in `bench/bench.py`). nginx cannot take CONNECT, so the
   clients talk TLS to it directly, as to a reverse proxy: no CONNECT exchange, one certificate of its own (no leaf
   minted per host, no first-contact row), no routes (no host, path or method check), and HTTP/1.1 to the origin
