@@ -3,7 +3,7 @@
 //! leaf certificate minted for a new host against one served from the cache; and, for
 //! the reload row, what loading a routes file costs.
 //!
-//! `cargo bench --bench hot_path`; figures and the command are in docs/benchmarks.md.
+//! `cargo bench --bench hot_path`; the figures it gave are in docs/decisions.md.
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};

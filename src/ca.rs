@@ -342,8 +342,8 @@ fn pem_certificate(der: &CertificateDer<'_>) -> String {
 /// (SHA-256) ahead of AES-256-GCM (SHA-384).
 ///
 /// Why: the handshake's key schedule is HMAC over the suite's hash, and SHA-256 has CPU
-/// instructions (SHA-NI) on current x86 and ARM while SHA-384 does not; on the benchmark
-/// machine SHA-384 alone was 14% of the proxy's CPU in a new-connection-per-request load.
+/// instructions (SHA-NI) on current x86 and ARM while SHA-384 does not, so a handshake
+/// keyed with SHA-384 costs visibly more (docs/decisions.md).
 /// AES-128-GCM is also the cheaper cipher for bulk bytes, and a TLS 1.3 mandatory suite
 /// at the 128-bit level the rest of the handshake (P-256, X25519) gives anyway. Our
 /// server side applies this order (`ignore_client_order`, see [`LeafCache`]); as a

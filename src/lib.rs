@@ -2,8 +2,8 @@
 //!
 //! The agent's only way out. It allows the hosts, methods and paths of a routes file,
 //! injects credentials the agent never sees, and re-originates every request over verified
-//! TLS. `SPEC.md` is the contract; this crate is its implementation. See README.md for
-//! how the modules fit together.
+//! TLS. `docs/reference.md` is the contract; this crate is its implementation. See
+//! README.md for how the modules fit together.
 
 pub mod admin;
 pub mod app;

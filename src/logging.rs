@@ -2,8 +2,8 @@
 //!
 //! Why a formatter of our own: every request writes an audit line, and tracing-subscriber's
 //! JSON formatter first collects an event's fields into a map of `serde_json::Value`s,
-//! allocating a string for each, before it writes them. That was about a sixth of the
-//! proxy's CPU per small request (see docs/benchmarks.md). [`JsonLines`] writes each field
+//! allocating a string for each, before it writes them, and for a small request that was
+//! a large share of the proxy's work (docs/decisions.md). [`JsonLines`] writes each field
 //! straight into the line as the event is visited, escaped on the fly, and allocates
 //! nothing. The shape is the same: `timestamp`, `level`, the event's fields in order (the
 //! message, if any, under `message`), then `target`.
@@ -88,7 +88,7 @@ fn write_out(pending: &mut Vec<u8>) {
 }
 
 /// Where each formatted line goes. Why not stderr directly: an audit line per request
-/// was a `write(2)` per request, ~5% of the proxy's CPU on small keep-alive requests; a
+/// was a `write(2)` per request, a system call as dear as the request's own; a
 /// worker's lines are batched until the runtime has nothing else to do, which under light
 /// load is right after the request, and under heavy load within [`PENDING_LIMIT`] bytes.
 /// What a SIGKILL can lose is bounded the same way.

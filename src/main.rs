@@ -6,8 +6,8 @@ use clap::Parser;
 use egress_proxy::ca::BottleCa;
 use egress_proxy::config::{CaCommand, Cli, Command, Config, RunArgs};
 
-/// mimalloc: per-request allocations were ~7% of the proxy's CPU under glibc malloc
-/// (docs/benchmarks.md).
+/// mimalloc: the proxy allocates on every request, and mimalloc does that for less CPU
+/// than glibc malloc (docs/decisions.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -69,11 +69,10 @@ fn run(args: RunArgs) -> Result<(), String> {
 
 /// One thread, tokio's single-threaded scheduler, unless `TOKIO_WORKER_THREADS` asks for
 /// the multi-threaded one. A sidecar shares its bottle's CPU with the agent, and one core
-/// serves tens of thousands of small requests a second; on the 2-core benchmark machine a
-/// second worker cost ~25% more CPU per request in cross-thread wake-ups and bought no
-/// throughput, and the single-threaded scheduler does 3% fewer instructions per request
-/// than the multi-threaded one with one worker (no atomics, no injection queue; both in
-/// docs/benchmarks.md).
+/// serves tens of thousands of small requests a second; a second worker spends more CPU
+/// per request on cross-thread wake-ups than it buys in throughput, and the
+/// single-threaded scheduler does less work per request than the multi-threaded one with
+/// one worker (no atomics, no injection queue). The figures are in docs/decisions.md.
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
     let mut builder = match std::env::var_os("TOKIO_WORKER_THREADS") {
         None => tokio::runtime::Builder::new_current_thread(),

@@ -1,14 +1,15 @@
 //! A read-ahead buffer under a TLS connection, so that a bulk transfer costs one read
 //! system call per 64 KiB instead of one per TLS record.
 //!
-//! rustls reads at most one record's worth (~16 KiB) per `read` it issues, so a 1 GiB
-//! download through the proxy made ~68,000 `recvfrom` calls, each with its own socket
-//! lock, receive-queue walk and ACK decision. Beneath rustls, this reads whatever the
-//! kernel holds, up to 64 KiB, and hands it out from memory, once a read has shown that
-//! data is flowing (it filled all it asked for); small answers are read straight through,
-//! with no buffer. The buffer exists only while it holds bytes: an idle pooled connection
-//! keeps none. It never reads ahead of what is already there (one `read` per `poll_read`
-//! that finds the buffer empty), so it adds no latency and changes nothing a peer can see.
+//! rustls reads at most one record's worth (16 KiB of plaintext) per `read` it issues, so a
+//! download through the proxy made one `recvfrom` per record, each with its own socket
+//! lock, receive-queue walk and ACK decision (docs/decisions.md has the counts). Beneath
+//! rustls, this reads whatever the kernel holds, up to 64 KiB, and hands it out from
+//! memory, once a read has shown that data is flowing (it filled all it asked for); small
+//! answers are read straight through, with no buffer. The buffer exists only while it
+//! holds bytes: an idle pooled connection keeps none. It never reads ahead of what is
+//! already there (one `read` per `poll_read` that finds the buffer empty), so it adds no
+//! latency and changes nothing a peer can see.
 
 use std::io;
 use std::pin::Pin;
@@ -30,7 +31,7 @@ pub struct ReadAhead<IO> {
     /// waiting: only then is reading ahead worth a buffer. A small answer (a keep-alive
     /// response of a few hundred bytes) is read straight into the caller's buffer: a
     /// pooled connection's task polls its reader several times per request, and a 64 KiB
-    /// buffer allocated and freed at each was ~4,000 instructions a request.
+    /// buffer allocated and freed at each poll showed in the instructions a request costs.
     flowing: bool,
 }
 

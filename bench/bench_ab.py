@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """A/B of egress-proxy builds: several binaries against one origin, their runs alternated
 (A, B, A, B, ...) so that the machine's drift falls on each alike; prints medians. For
-measuring one change at a time, which `scripts/bench` (every workload, once) cannot
-resolve on a shared machine. Loopback only, bounded like scripts/bench.py.
+measuring one change at a time, which `bench/bench` (every workload, once) cannot
+resolve on a shared machine. Loopback only, bounded like bench/bench.py.
 
-    scripts/bench_ab.py BIN_A,BIN_B [keepalive|newconn|download|upload|idle|mint]
+    bench/bench_ab.py BIN_A,BIN_B [keepalive|newconn|download|upload|idle|mint]
 
 A BIN named `direct` is the client talking to the origin itself (keepalive, newconn,
 download, upload), for the ratio the issue's goals are stated in.
@@ -22,6 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ["BENCH_MITM"] = "0"
+os.environ["BENCH_NGINX"] = "0"
 import bench  # noqa: E402
 
 
@@ -66,11 +67,12 @@ def main():
                     speed = bench.curl_transfer(port, ca, host, setup.oport, **kw)
                     figures[b].append((speed / 2**20, (cpu() - c0) / (size / 2**30)))
                 elif mode in ("idle", "mint"):
-                    setup.targets = lambda port=port, p=p: [("egress", port, setup.bottle_ca, "localhost", p.pid)]
+                    setup.targets = lambda port=port, p=p: [bench.Target("egress", port, setup.bottle_ca,
+                                                                         "localhost", [p.pid])]
                     out = {}
                     if mode == "idle":
                         bench.measure_idle_connections(setup, out)
-                        figures[b].append((out["idle_connections"]["egress"]["kib_per_connection"], 0.0))
+                        figures[b].append((out["idle_connections"]["egress"]["anon_kib_per_connection"], 0.0))
                     else:
                         # Host names of their own per round, so every round mints anew.
                         setup.hosts = [f"h{i}-r{len(figures[b])}.bench.test" for i in range(200)]
@@ -80,7 +82,7 @@ def main():
                     raise SystemExit(f"unknown mode {mode}")
         unit = {"keepalive": ("req/s", "µs CPU/request"), "newconn": ("req/s", "µs CPU/request"),
                 "download": ("MiB/s", "s CPU/GiB"), "upload": ("MiB/s", "s CPU/GiB"),
-                "idle": ("KiB RSS/connection", ""),
+                "idle": ("KiB RssAnon/connection", ""),
                 "mint": ("µs extra handshake time for a new host", "µs extra CPU")}[mode]
         for b in bins:
             a = [x for x, _ in figures[b]]
@@ -90,8 +92,7 @@ def main():
                 line += f", {statistics.median(c):.2f} {unit[1]}"
             print(line + f"  (runs: {[round(x, 1) for x in a]})")
     finally:
-        for p in bench.procs:
-            p.kill()
+        bench.stop_all()
         shutil.rmtree(work, ignore_errors=True)
 
 

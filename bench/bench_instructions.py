@@ -4,14 +4,14 @@ callgrind: for changes too small for a timed A/B on a shared machine to resolve 
 run-to-run noise is 7-10%; an instruction count repeats to within 0.5%). Counts user-space
 instructions only, not the kernel's share of a request, and not time.
 
-    scripts/bench_instructions.py BIN [BIN ...]
+    bench/bench_instructions.py BIN [BIN ...]
 
 Each binary is started twice under callgrind, answers N1 and then N2 requests from oha (4
 keep-alive connections through one CONNECT each), and exits on SIGTERM; the difference of
 the two totals over N2 - N1 is the per-request figure, start-up and shutdown cancelling out.
 Environment: N1 (300), N2 (1500), KEEP (copy the N2 run's callgrind file there, for
 callgrind_annotate; use the `profiling` build for symbols). Loopback only, bounded like
-scripts/bench.py. Build the origin first: cargo build --release --example bench_origin.
+bench/bench.py. Build the origin first: cargo build --release --example bench_origin.
 """
 import os
 import signal
@@ -21,6 +21,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ["BENCH_MITM"] = "0"
+os.environ["BENCH_NGINX"] = "0"
 import bench  # noqa: E402
 
 N1, N2 = int(os.environ.get("N1", "300")), int(os.environ.get("N2", "1500"))
@@ -61,8 +62,7 @@ def main():
                 subprocess.run(["cp", f"{work}/b.out", os.environ["KEEP"]], check=True)
             print(f"{binary}: {(b - a) / (N2 - N1):,.0f} instructions/request")
     finally:
-        for p in bench.procs:
-            p.kill()
+        bench.stop_all()
 
 
 if __name__ == "__main__":

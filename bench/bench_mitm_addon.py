@@ -1,8 +1,10 @@
-"""mitmproxy addon for scripts/bench: what egress-proxy does, done the mitmproxy way, so the
+"""mitmproxy addon for bench/bench: what egress-proxy does, done the mitmproxy way, so the
 two are compared doing the same work. Allowlist of host:port (CONNECT and each request),
 the agent's Authorization replaced by the route's token, bodies streamed both ways.
 
-Configuration through the environment: BENCH_ALLOW ("host:port,host:port"), BENCH_TOKEN.
+Configuration through the environment: BENCH_ALLOW ("host:port,host:port"), BENCH_TOKEN,
+BENCH_PINNED (a prefix: hosts whose first label starts with it are sent to 127.0.0.1, as
+egress-proxy's --resolve pins them; the bench's names are in no DNS).
 """
 import os
 
@@ -10,6 +12,7 @@ from mitmproxy import http
 
 ALLOW = {entry.strip() for entry in os.environ.get("BENCH_ALLOW", "").split(",") if entry.strip()}
 TOKEN = os.environ.get("BENCH_TOKEN", "")
+PINNED = os.environ.get("BENCH_PINNED", "")
 
 
 def _allowed(host, port):
@@ -35,6 +38,9 @@ def request(flow: http.HTTPFlow):
         return
     flow.request.headers.pop("proxy-authorization", None)
     flow.request.headers["authorization"] = f"Bearer {TOKEN}"
+    if PINNED and flow.request.pretty_host.startswith(PINNED):
+        # The origin's certificate names 127.0.0.1 too, so the upstream TLS is still verified.
+        flow.request.host = "127.0.0.1"
 
 
 def responseheaders(flow: http.HTTPFlow):
