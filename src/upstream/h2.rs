@@ -14,7 +14,11 @@
 //! ([`CONNECTION_WINDOW`]), and a connection takes at most [`MAX_STREAMS`] streams (the
 //! pool opens another beyond that): what one stream holds unread is bounded by its own
 //! window, and never comes out of another stream's. A reader that stays stalled is cut
-//! by the silence timeout, which releases the stream.
+//! by the silence timeout, which releases the stream. Until then its window's worth of
+//! data sits in the proxy's memory, so the streams open at once, all connections
+//! together, are bounded too ([`Upstream`](super::Upstream)'s stream budget, of
+//! [`STREAMS_AT_ONCE`]): what stalled readers can make the proxy hold is bounded whatever
+//! the agents do.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -34,7 +38,7 @@ use crate::upstream::Target;
 
 /// The receive window of each stream: what one response may have in flight to the proxy
 /// before its reader takes it.
-pub(super) const STREAM_WINDOW: u32 = 1024 * 1024;
+pub(super) const STREAM_WINDOW: u32 = 512 * 1024;
 /// The most streams the proxy opens on one upstream connection (fewer if the upstream
 /// allows fewer).
 pub(super) const MAX_STREAMS: usize = 64;
@@ -42,6 +46,9 @@ pub(super) const MAX_STREAMS: usize = 64;
 /// whose readers stalled cannot hold the window the others need.
 pub(super) const CONNECTION_WINDOW: u32 = STREAM_WINDOW * MAX_STREAMS as u32;
 const _: () = assert!(CONNECTION_WINDOW as usize >= STREAM_WINDOW as usize * MAX_STREAMS);
+/// Upstream HTTP/2 streams open at once, all connections together: a request over it
+/// waits for one to end (within its response timeout).
+pub(super) const STREAMS_AT_ONCE: usize = 256;
 
 /// Keep-alive pings on a connection with requests open: how often, and how long an answer
 /// may take.
@@ -56,6 +63,8 @@ const MAX_FRAME_SIZE: u32 = 64 * 1024;
 pub(super) struct H2Conn {
     send: h2::client::SendRequest<Bytes>,
     shared: Arc<H2Shared>,
+    /// The stream budget of every upstream HTTP/2 connection ([`STREAMS_AT_ONCE`]).
+    streams: Arc<tokio::sync::Semaphore>,
     /// The task that drives the connection, aborted to close it at once.
     task: tokio::task::AbortHandle,
 }
@@ -81,6 +90,7 @@ impl H2Conn {
         io: BoxedIo,
         max_header_bytes: usize,
         slot: tokio::sync::OwnedSemaphorePermit,
+        streams: Arc<tokio::sync::Semaphore>,
     ) -> Result<H2Conn, h2::Error> {
         let mut b = h2::client::Builder::new();
         b.initial_window_size(STREAM_WINDOW)
@@ -100,6 +110,7 @@ impl H2Conn {
         Ok(H2Conn {
             send,
             shared,
+            streams,
             task: task.abort_handle(),
         })
     }
@@ -143,6 +154,7 @@ impl H2Conn {
         OpenStream {
             shared: self.shared.clone(),
             upload_alive: None,
+            budget: None,
         }
     }
 
@@ -181,6 +193,11 @@ impl H2Conn {
             )
         };
         let work = async {
+            // A place in the stream budget first; the wait for it is within the timeout.
+            let budget = match self.streams.clone().acquire_owned().await {
+                Ok(permit) => permit,
+                Err(e) => return Err((unavailable_budget(e), Refused::Whole(Box::new(req)))),
+            };
             let mut send = match self.send.clone().ready().await {
                 Ok(send) => send,
                 Err(e) => return Err((unavailable(e), Refused::Whole(Box::new(req)))),
@@ -204,7 +221,7 @@ impl H2Conn {
                 upload_alive = Some(alive);
             }
             match response.await {
-                Ok(r) => Ok((r, upload_alive)),
+                Ok(r) => Ok((r, upload_alive, budget)),
                 Err(e) => Err((unavailable(e), Refused::No)),
             }
         };
@@ -223,9 +240,10 @@ impl H2Conn {
                 }
                 Err(SendError::Unsent(e, None))
             }
-            Ok(Ok((r, upload_alive))) => {
+            Ok(Ok((r, upload_alive, budget))) => {
                 let (parts, recv) = r.into_parts();
                 open.upload_alive = upload_alive;
+                open.budget = Some(budget);
                 Ok(Response::from_parts(
                     parts,
                     UpstreamBody::H2(recv, false, open),
@@ -233,6 +251,14 @@ impl H2Conn {
             }
         }
     }
+}
+
+/// The stream budget's semaphore is never closed; should it be, the request cannot go.
+fn unavailable_budget(e: tokio::sync::AcquireError) -> ProxyError {
+    ProxyError::new(
+        ErrorKind::UpstreamUnavailable,
+        format!("stream budget: {e}"),
+    )
 }
 
 /// Whether the connection refused a request before it went out, and what is left of it.
@@ -286,6 +312,8 @@ pub struct OpenStream {
     shared: Arc<H2Shared>,
     /// Keeps the request body's copier going; dropped, it stops it.
     upload_alive: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Its place in the stream budget, until the response is read or dropped.
+    budget: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Drop for OpenStream {
@@ -447,6 +475,15 @@ pub(super) mod tests {
         max_streams: u32,
         goaway_after: Option<usize>,
     ) -> H2Conn {
+        let budget = Arc::new(tokio::sync::Semaphore::new(STREAMS_AT_ONCE));
+        upstream_with_budget(max_streams, goaway_after, budget).await
+    }
+
+    async fn upstream_with_budget(
+        max_streams: u32,
+        goaway_after: Option<usize>,
+        streams: Arc<tokio::sync::Semaphore>,
+    ) -> H2Conn {
         let (client, server) = tokio::io::duplex(1 << 20);
         tokio::spawn(async move {
             let mut conn = h2::server::Builder::new()
@@ -480,7 +517,7 @@ pub(super) mod tests {
         let slot = Arc::new(tokio::sync::Semaphore::new(1))
             .try_acquire_owned()
             .unwrap();
-        H2Conn::handshake(Box::new(client), 65536, slot)
+        H2Conn::handshake(Box::new(client), 65536, slot, streams)
             .await
             .unwrap()
     }
@@ -585,5 +622,34 @@ pub(super) mod tests {
         }
         assert_eq!(started.elapsed(), Duration::from_secs(3));
         held.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_stream_budget_is_shared_and_a_wait_for_it_is_within_the_response_timeout() {
+        let budget = Arc::new(tokio::sync::Semaphore::new(1));
+        let a = upstream_with_budget(100, None, budget.clone()).await;
+        let b = upstream_with_budget(100, None, budget.clone()).await;
+        // A response being read holds the one place, on connection a.
+        let held = a
+            .send(&target(), get("/big"), None, Duration::from_secs(5))
+            .await;
+        assert!(held.is_ok());
+        assert_eq!(budget.available_permits(), 0);
+        let started = tokio::time::Instant::now();
+        match b
+            .send(&target(), get("/a"), None, Duration::from_secs(3))
+            .await
+        {
+            Err(SendError::Final(e)) => assert_eq!(e.kind, ErrorKind::UpstreamResponseTimeout),
+            _ => panic!("a request over the stream budget was not held to the response timeout"),
+        }
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
+        // The place comes back with the response.
+        drop(held);
+        assert!(
+            b.send(&target(), get("/a"), None, Duration::from_secs(3))
+                .await
+                .is_ok()
+        );
     }
 }

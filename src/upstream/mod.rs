@@ -103,6 +103,8 @@ pub struct Upstream {
     /// One permit per open upstream connection, held by the task that drives it (or the
     /// WebSocket relay that took it over).
     slots: Arc<Semaphore>,
+    /// One permit per open upstream HTTP/2 stream (see `h2`'s module doc).
+    streams: Arc<Semaphore>,
 }
 
 /// A WebSocket's upstream connection's place in the connection budget, carried in the
@@ -140,6 +142,7 @@ impl Upstream {
             tls: TlsConnector::from(config(&[b"h2", b"http/1.1"])?),
             tls_h1: TlsConnector::from(config(&[b"http/1.1"])?),
             slots: Arc::new(Semaphore::new(settings.max_connections.max(1))),
+            streams: Arc::new(Semaphore::new(h2::STREAMS_AT_ONCE)),
             settings,
             pool: Arc::new(Pool::default()),
         })
@@ -395,9 +398,14 @@ impl Upstream {
             )
         };
         if h2 {
-            let conn = H2Conn::handshake(io, self.settings.max_header_bytes, slot)
-                .await
-                .map_err(|e| handshake_err(&e))?;
+            let conn = H2Conn::handshake(
+                io,
+                self.settings.max_header_bytes,
+                slot,
+                self.streams.clone(),
+            )
+            .await
+            .map_err(|e| handshake_err(&e))?;
             let open = conn.open_stream();
             Ok(Sender::H2(conn, open))
         } else {
