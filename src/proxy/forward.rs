@@ -167,6 +167,8 @@ async fn process(
     let replayable =
         bodiless && matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
     let body_idle = state.limits.body_idle_timeout;
+    // Named in the head's `Connection`: hop-by-hop in the trailers too.
+    let hop_by_hop = connection_named(&parts.headers);
     rewrite_request_headers(
         &mut parts.headers,
         grant.injection.as_ref(),
@@ -183,6 +185,7 @@ async fn process(
     let body = AgentTrailersStripped {
         inner: body,
         route_header: grant.injection.map(|i| i.header),
+        hop_by_hop,
     };
     let upstream_body = Tracked::new(body, body_idle, record.bytes_up.clone(), ())
         .noting(record.cut.clone(), "the agent")
@@ -306,24 +309,29 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop headers and those the `Connection` header names.
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the names first: most messages carry none of these, and each
-    // `remove` hashes its name and probes the map (two-thirds of this function's cost on
-    // a small request before this check).
+    // `remove` hashes its name and probes the map (most of this function's cost on a
+    // small request before this check).
     if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
+    for name in connection_named(headers) {
         headers.remove(name);
     }
     for name in HOP_BY_HOP {
         headers.remove(name);
     }
+}
+
+/// The fields a message's `Connection` header names: hop-by-hop for that message, its
+/// trailers included.
+fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect()
 }
 
 /// Removes from an agent's header or trailer fields what never goes upstream from the
@@ -371,6 +379,8 @@ pin_project! {
         #[pin]
         inner: B,
         route_header: Option<HeaderName>,
+        // The fields the head's `Connection` header named.
+        hop_by_hop: Vec<HeaderName>,
     }
 }
 
@@ -388,6 +398,9 @@ impl<B: Body> Body for AgentTrailersStripped<B> {
             f.map(|frame| match frame.into_trailers() {
                 Ok(mut trailers) => {
                     strip_agent_fields(&mut trailers, this.route_header.as_ref());
+                    for name in this.hop_by_hop.iter() {
+                        trailers.remove(name);
+                    }
                     Frame::trailers(trailers)
                 }
                 Err(frame) => frame,
@@ -542,6 +555,7 @@ mod tests {
             ("x-named", "hop"),
             ("te", "trailers"),
             ("host", "elsewhere"),
+            ("x-named-in-connection", "hop"),
             ("x-checksum", "kept"),
         ] {
             trailers.insert(
@@ -556,6 +570,7 @@ mod tests {
         let body = AgentTrailersStripped {
             inner: StreamBody::new(futures_util::stream::iter(frames)),
             route_header: Some(HeaderName::from_static("x-api-key")),
+            hop_by_hop: vec![HeaderName::from_static("x-named-in-connection")],
         };
         let collected = body.collect().await.unwrap();
         let trailers = collected.trailers().cloned().unwrap();
