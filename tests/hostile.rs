@@ -332,6 +332,12 @@ const TUNNEL_CASES: &[Case] = &[
         "/v1",
     ),
     case(
+        "fragment in the target",
+        "GET /v1#/../admin HTTP/1.1\r\nHost: {h}\r\n\r\n",
+        Refused(400, "bad_request"),
+        "/v1",
+    ),
+    case(
         "userinfo in host",
         "GET /v1 HTTP/1.1\r\nHost: user@{h}\r\n\r\n",
         AnyOf(&[400]),
@@ -689,6 +695,14 @@ async fn hostile_table() {
         assert!(text.contains(code), "CONNECT {target}: {text}");
         count += 1;
     }
+    // Userinfo in a CONNECT target is refused and never echoed, in the answer or the log.
+    let (st, text, _) = proxy.connect("user:UPASS@api.test:443").await;
+    assert_eq!(st, 400, "{text}");
+    assert!(
+        !text.contains("UPASS"),
+        "the CONNECT's password was echoed: {text}"
+    );
+    count += 1;
     let own = proxy.addr.to_string();
     // The proxy itself is refused as a destination before any route is consulted, so
     // the answer is destination_not_allowed, never the route check's host_not_allowed.
@@ -833,6 +847,7 @@ async fn hostile_table() {
         "cookie-secret",
         "agent-key",
         "Bearer agent",
+        "UPASS",
     ] {
         assert!(!everything.contains(secret), "{secret} leaked");
     }

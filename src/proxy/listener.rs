@@ -380,9 +380,17 @@ fn connect_target(
         return Err(bad("must be host:port", ""));
     };
     let raw = authority.as_str();
-    let shown: String = raw
+    // As the log and the answer show it: printable, bounded, and without userinfo (a
+    // `user:password@` the agent put there is never echoed; the target is refused).
+    let printable = raw.rsplit_once('@').map_or(raw, |(_, host)| host);
+    let userinfo = if printable.len() < raw.len() {
+        "***@"
+    } else {
+        ""
+    };
+    let shown: String = userinfo
         .chars()
-        .filter(|c| c.is_ascii_graphic())
+        .chain(printable.chars().filter(|c| c.is_ascii_graphic()))
         .take(255)
         .collect();
     if uri.scheme().is_some()

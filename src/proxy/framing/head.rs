@@ -61,7 +61,12 @@ pub(super) fn check_head(buf: &[u8]) -> Option<(Result<Framing, &'static str>, u
             };
             return Some((result, i + 1));
         }
-        // The first line is the request line.
+        // The first line is the request line. A request target has no fragment (RFC
+        // 9112 §3.2); hyper's parser lets `#` through and the URI drops what follows, so
+        // the request would go on as a shorter path: refused rather than normalised.
+        if line_start == 0 && memchr::memchr(b'#', line).is_some() {
+            malformed = malformed.or(Some("a fragment in the request target"));
+        }
         if line_start > 0
             && let Some(colon) = memchr::memchr(b':', line)
         {
