@@ -5,8 +5,6 @@ FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY .cargo ./.cargo
-COPY build.rs ./
-COPY link ./link
 # Cargo.toml declares the criterion bench, so cargo needs its source to read the manifest.
 COPY benches ./benches
 COPY src ./src

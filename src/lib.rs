@@ -5,6 +5,15 @@
 //! TLS. `docs/reference.md` is the contract; this crate is its implementation. See
 //! README.md for how the modules fit together.
 
+// Linux only: the process hardening in `sys.rs` (`prctl`) is Linux's, and the image, the
+// examples and the tests are Linux's. Said here, once, rather than as an unresolved name
+// deep inside `sys.rs` on another OS.
+#[cfg(not(target_os = "linux"))]
+compile_error!(
+    "egress-proxy runs on Linux only (it calls prctl(2) to keep tokens out of core dumps); \
+     build it for a *-linux-* target, or in the Dockerfile's image"
+);
+
 pub mod admin;
 pub mod app;
 pub mod ca;

@@ -6,20 +6,11 @@ use clap::Parser;
 use egress_proxy::ca::BottleCa;
 use egress_proxy::config::{CaCommand, Cli, Command, Config, RunArgs};
 
-/// mimalloc: the proxy allocates on every request, and mimalloc does that for less CPU
-/// than glibc malloc (docs/decisions.md).
+/// mimalloc (built with `no_thp`): cheaper per-request allocations than glibc malloc
+/// without transparent huge pages inflating an idle sidecar. README, "Build and runtime
+/// choices, and why", says why and how much.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// `pow` is the one libm function the binary calls (tokio's multi-thread scheduler keeps a
-/// moving average of task poll times with it). Defined here, from the pure-Rust `libm`
-/// crate (musl's algorithm, maintained by the Rust project), it keeps `libm.so.6` out of
-/// the process: one shared library fewer to load and ~0.6 MiB less resident memory for
-/// every sidecar (docs/benchmarks.md).
-#[unsafe(no_mangle)]
-pub extern "C" fn pow(x: f64, y: f64) -> f64 {
-    libm::pow(x, y)
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -68,11 +59,9 @@ fn run(args: RunArgs) -> Result<(), String> {
 }
 
 /// One thread, tokio's single-threaded scheduler, unless `TOKIO_WORKER_THREADS` asks for
-/// the multi-threaded one. A sidecar shares its bottle's CPU with the agent, and one core
-/// serves tens of thousands of small requests a second; a second worker spends more CPU
-/// per request on cross-thread wake-ups than it buys in throughput, and the
-/// single-threaded scheduler does less work per request than the multi-threaded one with
-/// one worker (no atomics, no injection queue). The figures are in docs/decisions.md.
+/// the multi-threaded one: a sidecar shares its bottle's CPU with the agent, and a second
+/// worker buys it cross-thread wake-ups, not throughput (README, "Build and runtime
+/// choices, and why").
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
     let mut builder = match std::env::var_os("TOKIO_WORKER_THREADS") {
         None => tokio::runtime::Builder::new_current_thread(),
