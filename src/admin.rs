@@ -40,7 +40,7 @@ const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The agent can reach this port (the image listens on every interface), so a few
 /// connections that never finish their request must not take every slot: a connection
 /// that finds them all taken closes the oldest one still open rather than wait behind it.
-/// A probe's whole exchange takes well under a millisecond, so only connections that
+/// A probe's whole exchange is over long before the head timeout, so only connections that
 /// linger are ever closed this way.
 pub async fn serve(listener: TcpListener, state: Arc<ProxyState>) {
     let ca_pem = Bytes::from(state.leaves.ca().cert_pem().to_owned());
@@ -107,8 +107,8 @@ fn route(req: &Request<Incoming>, state: &ProxyState, ca_pem: &Bytes) -> Respons
             Bytes::from(state.metrics.render()),
         ),
         "/ca.pem" => text(StatusCode::OK, "application/x-pem-file", ca_pem.clone()),
-        // Built per request (about a millisecond, asked for once per bottle) rather than
-        // held: 300 KiB of PEM would be most of an idle proxy's heap.
+        // Built per request (asked for once per bottle) rather than held: the public
+        // roots' PEM would be most of an idle proxy's heap (docs/decisions.md).
         "/ca-bundle.pem" => text(
             StatusCode::OK,
             "application/x-pem-file",

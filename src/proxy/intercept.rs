@@ -65,8 +65,8 @@ pub async fn run(upgraded: Upgraded, authority: Authority, conn: ClientConn, sta
     let leaf = state.leaves.server_config(&authority.host);
     // Boxed, like the TLS stream it returns and the HTTP server below: a task's future is
     // allocated whole for the life of the tunnel, so neither the handshake's state nor a
-    // copy of a moved value may sit inline in it (1,000 idle tunnels would each keep
-    // them; docs/benchmarks.md).
+    // copy of a moved value may sit inline in it (every idle tunnel would keep them;
+    // docs/decisions.md).
     let handshake = tokio::time::timeout(
         state.limits.client_timeout,
         Box::pin(accept_tls(io, &authority.host, leaf)),

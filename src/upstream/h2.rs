@@ -2,7 +2,7 @@
 //! client: hyper's spawns a task per request (a future the size of its largest variant,
 //! the whole connection) and passes each request and response through a channel and two
 //! one-shot channels; here the request's own task sends it and is woken by the response
-//! (docs/benchmarks.md has the instruction counts).
+//! (docs/decisions.md has what that saved).
 //!
 //! One connection carries the requests of every agent connection to its host, so no
 //! stream may starve the others (SPEC §4a). Flow control is where that could happen: data
