@@ -9,9 +9,10 @@ use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use egress_proxy::ca::{BottleCa, LeafCache};
-use egress_proxy::policy::{self, Authority, Channel, RequestView};
-use egress_proxy::routes::{Host, OneSecret, RouteTable, check_request_path};
+use egress_proxy::{
+    Authority, BottleCa, Channel, Host, LeafCache, OneSecret, RequestView, RouteTable,
+    check_request_path, decide,
+};
 use http::{Method, Request};
 
 fn policy(c: &mut Criterion) {
@@ -64,9 +65,7 @@ fn policy(c: &mut Criterion) {
                     version: req.version(),
                     headers: req.headers(),
                 };
-                black_box(
-                    policy::decide(&routes, &authority, Channel::Tunnel, black_box(view)).is_ok(),
-                )
+                black_box(decide(&routes, &authority, Channel::Tunnel, black_box(view)).is_ok())
             })
         });
     }

@@ -42,7 +42,7 @@ const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// that finds them all taken closes the oldest one still open rather than wait behind it.
 /// A probe's whole exchange is over long before the head timeout, so only connections that
 /// linger are ever closed this way.
-pub async fn serve(listener: TcpListener, state: Arc<ProxyState>) {
+pub(crate) async fn serve(listener: TcpListener, state: Arc<ProxyState>) {
     let ca_pem = Bytes::from(state.leaves.ca().cert_pem().to_owned());
     let slots = Arc::new(Semaphore::new(ADMIN_CONNECTIONS));
     let mut open: VecDeque<AbortHandle> = VecDeque::with_capacity(ADMIN_CONNECTIONS);

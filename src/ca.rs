@@ -34,9 +34,9 @@ use time::OffsetDateTime;
 
 use crate::routes::Host;
 
-pub const CA_KEY_FILE: &str = "ca-key.pem";
+pub(crate) const CA_KEY_FILE: &str = "ca-key.pem";
 pub const CA_CERT_FILE: &str = "ca-cert.pem";
-pub const CA_BUNDLE_FILE: &str = "ca-bundle.pem";
+pub(crate) const CA_BUNDLE_FILE: &str = "ca-bundle.pem";
 
 /// How long a leaf is valid, and when the cache re-mints it.
 const LEAF_LIFETIME: Duration = Duration::from_secs(48 * 3600);
@@ -348,7 +348,7 @@ fn pem_certificate(der: &CertificateDer<'_>) -> String {
 /// at the 128-bit level the rest of the handshake (P-256, X25519) gives anyway. Our
 /// server side applies this order (`ignore_client_order`, see [`LeafCache`]); as a
 /// client it is the order offered to origins. Otherwise rustls' defaults are unchanged.
-pub fn crypto_provider() -> Arc<CryptoProvider> {
+pub(crate) fn crypto_provider() -> Arc<CryptoProvider> {
     static PROVIDER: std::sync::OnceLock<Arc<CryptoProvider>> = std::sync::OnceLock::new();
     PROVIDER
         .get_or_init(|| {

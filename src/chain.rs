@@ -111,7 +111,7 @@ fn is_scheme(s: &str) -> bool {
 /// → `http://***@host`, whatever the URL's shape. Everything before the last `@` may be
 /// credentials (a password may hold `@`, `/` or `://`; the scheme may be missing or
 /// wrong), so all of it goes but a well-formed scheme.
-pub fn redact_userinfo(url: &str) -> String {
+pub(crate) fn redact_userinfo(url: &str) -> String {
     let Some(at) = url.rfind('@') else {
         return url.to_owned();
     };

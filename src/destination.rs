@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// Why an address is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refused {
+pub(crate) enum Refused {
     /// Loopback, private, link-local (cloud metadata), CGNAT, unspecified, or a mapped
     /// form of one: reachable only with `allow_private: true`.
     Private,
@@ -20,7 +20,7 @@ pub enum Refused {
 }
 
 impl Refused {
-    pub fn describe(self) -> &'static str {
+    pub(crate) fn describe(self) -> &'static str {
         match self {
             Refused::Private => "a private, loopback, link-local or metadata address",
             Refused::NotUnicast => "not a unicast address",
@@ -30,7 +30,11 @@ impl Refused {
 }
 
 /// Checks one address an upstream connection would dial.
-pub fn check(addr: SocketAddr, allow_private: bool, own: &[SocketAddr]) -> Result<(), Refused> {
+pub(crate) fn check(
+    addr: SocketAddr,
+    allow_private: bool,
+    own: &[SocketAddr],
+) -> Result<(), Refused> {
     if is_own_listener(addr, own) {
         return Err(Refused::OwnListener);
     }
@@ -44,7 +48,7 @@ pub fn check(addr: SocketAddr, allow_private: bool, own: &[SocketAddr]) -> Resul
 
 /// True when `addr` reaches one of `own` (a listener on an unspecified address listens
 /// on every local address, so any loopback or unspecified address with its port does).
-pub fn is_own_listener(addr: SocketAddr, own: &[SocketAddr]) -> bool {
+pub(crate) fn is_own_listener(addr: SocketAddr, own: &[SocketAddr]) -> bool {
     let ip = canonical(addr.ip());
     own.iter().any(|l| {
         l.port() == addr.port()

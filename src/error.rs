@@ -12,7 +12,7 @@ use http::{Response, StatusCode};
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 
 /// Boxed error type for bodies that stream through the proxy.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why a streamed body stopped. A concrete type rather than a bare `BoxError`, because
 /// `Box<dyn Error>` as a body error trips rustc's higher-ranked lifetime inference
@@ -33,7 +33,7 @@ impl std::error::Error for BodyError {
 }
 
 /// The body of every request and response the proxy streams.
-pub type ProxyBody = UnsyncBoxBody<Bytes, BodyError>;
+pub(crate) type ProxyBody = UnsyncBoxBody<Bytes, BodyError>;
 
 /// What went wrong, as the contract names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,14 +200,14 @@ impl std::fmt::Display for ProxyError {
 impl std::error::Error for ProxyError {}
 
 /// A whole body from bytes.
-pub fn full_body(data: impl Into<Bytes>) -> ProxyBody {
+pub(crate) fn full_body(data: impl Into<Bytes>) -> ProxyBody {
     Full::new(data.into())
         .map_err(|never| match never {})
         .boxed_unsync()
 }
 
 /// An empty body.
-pub fn empty_body() -> ProxyBody {
+pub(crate) fn empty_body() -> ProxyBody {
     full_body(Bytes::new())
 }
 

@@ -110,7 +110,7 @@ impl std::io::Write for LineSink {
 }
 
 /// Formats each event as one JSON object, written field by field.
-pub struct JsonLines;
+pub(crate) struct JsonLines;
 
 thread_local! {
     /// The line being formatted, reused by every event on this thread.

@@ -3,8 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use egress_proxy::ca::BottleCa;
-use egress_proxy::config::{CaCommand, Cli, Command, Config, RunArgs};
+use egress_proxy::{BottleCa, CaCommand, Cli, Command, Config, RunArgs};
 
 /// mimalloc (built with `no_thp`): cheaper per-request allocations than glibc malloc
 /// without transparent huge pages inflating an idle sidecar. README, "Build and runtime
@@ -17,10 +16,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         None => run(cli.run),
         Some(Command::Run(args)) => run(*args),
-        Some(Command::Check { routes_file }) => egress_proxy::reload::load_routes(&routes_file)
+        Some(Command::Check { routes_file }) => egress_proxy::load_routes(&routes_file)
             .map(|t| println!("{}: ok, {} routes", routes_file.display(), t.routes().len())),
         Some(Command::Ca(CaCommand::Init { ca_dir })) => BottleCa::load_or_mint(&ca_dir)
-            .map(|_| println!("{}", ca_dir.join(egress_proxy::ca::CA_CERT_FILE).display()))
+            .map(|_| println!("{}", ca_dir.join(egress_proxy::CA_CERT_FILE).display()))
             .map_err(|e| e.to_string()),
         Some(Command::Ca(CaCommand::Show { ca_dir })) => BottleCa::load_existing(&ca_dir)
             .map(|ca| print!("{}", ca.cert_pem()))
@@ -29,7 +28,7 @@ fn main() -> ExitCode {
             .enable_all()
             .build()
             .map_err(|e| format!("starting the runtime: {e}"))
-            .and_then(|rt| rt.block_on(egress_proxy::admin::probe(&admin))),
+            .and_then(|rt| rt.block_on(egress_proxy::probe(&admin))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -42,19 +41,19 @@ fn main() -> ExitCode {
 
 fn run(args: RunArgs) -> Result<(), String> {
     // Before any token is read: nothing this process holds may reach a core dump.
-    egress_proxy::sys::harden_process()?;
+    egress_proxy::harden_process()?;
     let config = Config::from_args(args)?;
-    egress_proxy::logging::init(config.log_format);
+    egress_proxy::init_logs(config.log_format);
     // Spawned, not run in `block_on` itself: under the multi-threaded scheduler
     // (`TOKIO_WORKER_THREADS`) the accept loop then runs on a worker and hands each new
     // connection to the thread that serves it without waking another one. Under the
     // default single-threaded one this is the same thread either way.
     let outcome = runtime()?.block_on(async {
-        tokio::spawn(egress_proxy::app::run(config))
+        tokio::spawn(egress_proxy::run(config))
             .await
             .map_err(|e| format!("the proxy task ended abnormally: {e}"))?
     });
-    egress_proxy::logging::flush();
+    egress_proxy::flush_logs();
     outcome
 }
 
@@ -68,7 +67,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         Some(_) => tokio::runtime::Builder::new_multi_thread(),
     };
     builder
-        .on_thread_park(egress_proxy::logging::on_worker_park)
+        .on_thread_park(egress_proxy::on_worker_park)
         .enable_all()
         .build()
         .map_err(|e| format!("starting the runtime: {e}"))

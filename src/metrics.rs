@@ -35,7 +35,7 @@ impl Reason {
 }
 
 /// An allowed CONNECT whose TLS handshake with the agent then failed.
-pub const TLS_HANDSHAKE_FAILED: &str = "tls_handshake_failed";
+pub(crate) const TLS_HANDSHAKE_FAILED: &str = "tls_handshake_failed";
 
 /// Every (decision, reason) a request can be counted under (SPEC §4 steps 2-4). A feature
 /// that adds a decision or a refusal (`rate_limited`, `body_too_large`, report mode) adds
@@ -96,7 +96,7 @@ fn upstream_error_kinds() -> impl Iterator<Item = &'static str> {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DecisionLabels {
+pub(crate) struct DecisionLabels {
     /// `allow`, `deny` or `error`.
     pub decision: &'static str,
     /// The error code of SPEC §4 (`path_not_allowed`, …), or `ok`.
@@ -104,26 +104,26 @@ pub struct DecisionLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResultLabels {
+pub(crate) struct ResultLabels {
     /// `ok` or `error`.
     pub result: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct KindLabels {
+pub(crate) struct KindLabels {
     /// The RFC 9209 error type (`dns_error`, `tls_certificate_error`, …).
     pub kind: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DirectionLabels {
+pub(crate) struct DirectionLabels {
     /// `up` (agent to upstream) or `down`.
     pub direction: &'static str,
 }
 
 /// Every metric the proxy keeps.
 #[derive(Debug)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     pub requests: Family<DecisionLabels, Counter>,
     pub connects: Family<DecisionLabels, Counter>,
@@ -141,7 +141,7 @@ pub struct Metrics {
 
 impl Metrics {
     /// `leaf_hits`/`leaf_misses` are the leaf cache's own counters, registered as they are.
-    pub fn new(leaf_hits: Counter, leaf_misses: Counter) -> Metrics {
+    pub(crate) fn new(leaf_hits: Counter, leaf_misses: Counter) -> Metrics {
         let mut registry = Registry::with_prefix("egress_proxy");
         let requests: Family<DecisionLabels, Counter> = Family::default();
         let bytes: Family<DirectionLabels, Counter> = Family::default();
@@ -224,7 +224,7 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    pub fn count_request(&self, decision: &'static str, reason: &'static str) {
+    pub(crate) fn count_request(&self, decision: &'static str, reason: &'static str) {
         if (decision, reason) == ("allow", "ok") {
             self.requests_allowed.inc();
             return;
@@ -234,31 +234,31 @@ impl Metrics {
             .inc();
     }
 
-    pub fn count_connect(&self, decision: &'static str, reason: &'static str) {
+    pub(crate) fn count_connect(&self, decision: &'static str, reason: &'static str) {
         self.connects
             .get_or_create(&DecisionLabels { decision, reason })
             .inc();
     }
 
-    pub fn count_reload(&self, ok: bool) {
+    pub(crate) fn count_reload(&self, ok: bool) {
         let [ok_result, error_result] = RELOAD_RESULTS;
         let result = if ok { ok_result } else { error_result };
         self.reloads.get_or_create(&ResultLabels { result }).inc();
     }
 
-    pub fn count_upstream_error(&self, kind: &'static str) {
+    pub(crate) fn count_upstream_error(&self, kind: &'static str) {
         self.upstream_errors
             .get_or_create(&KindLabels { kind })
             .inc();
     }
 
-    pub fn count_bytes(&self, up: u64, down: u64) {
+    pub(crate) fn count_bytes(&self, up: u64, down: u64) {
         self.bytes_up.inc_by(up);
         self.bytes_down.inc_by(down);
     }
 
     /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();

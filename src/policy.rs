@@ -50,7 +50,7 @@ fn err(kind: ErrorKind, reason: impl Into<String>) -> ProxyError {
 }
 
 /// Parses `host[:port]` from a `Host` header or URI authority.
-pub fn parse_authority(s: &str) -> Option<(Host, Option<u16>)> {
+pub(crate) fn parse_authority(s: &str) -> Option<(Host, Option<u16>)> {
     let (host, port) = split_authority(s)?;
     Some((Host::parse(host).ok()?, port))
 }
@@ -86,7 +86,7 @@ fn split_authority(s: &str) -> Option<(&str, Option<u16>)> {
 
 /// Why a proxy target (a CONNECT authority, or an absolute-form URI's) was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TargetError {
+pub(crate) enum TargetError {
     /// An all-numeric name (`2130706433`, `127.1`), which resolvers read as an address:
     /// refused outright as a destination (SPEC §4.3).
     NumericHost,
@@ -95,7 +95,7 @@ pub enum TargetError {
 }
 
 /// Parses the authority a proxy request names, refusing all-numeric host names first.
-pub fn parse_target(raw: &str) -> Result<(Host, Option<u16>), TargetError> {
+pub(crate) fn parse_target(raw: &str) -> Result<(Host, Option<u16>), TargetError> {
     let host_part = raw.rsplit_once(':').map(|(h, _)| h).unwrap_or(raw);
     if let Err(crate::routes::HostError::Numeric) = Host::parse(host_part) {
         return Err(TargetError::NumericHost);

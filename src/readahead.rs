@@ -23,7 +23,7 @@ const READ_AHEAD: usize = 64 * 1024;
 
 /// An `AsyncRead + AsyncWrite` whose reads go through a buffer of up to [`READ_AHEAD`]
 /// while a transfer is in full flow, and straight into the caller's buffer otherwise.
-pub struct ReadAhead<IO> {
+pub(crate) struct ReadAhead<IO> {
     inner: IO,
     /// Bytes read from `inner` and not yet handed out; no allocation while empty.
     buf: BytesMut,
@@ -36,7 +36,7 @@ pub struct ReadAhead<IO> {
 }
 
 impl<IO> ReadAhead<IO> {
-    pub fn new(inner: IO) -> Self {
+    pub(crate) fn new(inner: IO) -> Self {
         ReadAhead {
             inner,
             buf: BytesMut::new(),

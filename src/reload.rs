@@ -31,7 +31,7 @@ const DEBOUNCE: Duration = Duration::from_millis(150);
 const MAX_ROUTES_FILE_BYTES: u64 = 4 * 1024 * 1024;
 
 /// Tokens from the process environment and the filesystem.
-pub struct ProcessSecrets;
+pub(crate) struct ProcessSecrets;
 
 impl SecretSource for ProcessSecrets {
     fn env(&self, name: &str) -> Option<String> {
@@ -89,7 +89,7 @@ fn load_routes_with_bytes(path: &Path) -> Result<(RouteTable, Vec<u8>), String> 
 
 /// What asked for a reload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Trigger {
+pub(crate) enum Trigger {
     Signal,
     FileChange,
 }
@@ -105,7 +105,7 @@ impl Trigger {
 
 /// Handle to the reload task: send it a trigger.
 #[derive(Debug, Clone)]
-pub struct Reloader {
+pub(crate) struct Reloader {
     tx: mpsc::Sender<Trigger>,
 }
 
@@ -114,7 +114,7 @@ pub struct Reloader {
 /// listeners bound) is an event queued here, and the reload task applies it as soon as it
 /// runs. Watching only after the first read would miss a change made in between, and
 /// the running table would stay stale until a SIGHUP.
-pub struct RoutesWatch {
+pub(crate) struct RoutesWatch {
     path: PathBuf,
     tx: mpsc::Sender<Trigger>,
     rx: mpsc::Receiver<Trigger>,
@@ -131,7 +131,7 @@ impl std::fmt::Debug for RoutesWatch {
 
 impl RoutesWatch {
     /// Starts watching the directory of the routes file at `path`.
-    pub fn start(path: PathBuf) -> Result<RoutesWatch, String> {
+    pub(crate) fn start(path: PathBuf) -> Result<RoutesWatch, String> {
         let (tx, rx) = mpsc::channel::<Trigger>(64);
         let watch_tx = tx.clone();
         let dir = match path.parent() {
@@ -158,14 +158,14 @@ impl RoutesWatch {
 
     /// The first read of the routes, with the watch already in place: the table, and
     /// the bytes it was parsed from (for [`RoutesWatch::serve`]).
-    pub fn load(&self) -> Result<(RouteTable, Vec<u8>), String> {
+    pub(crate) fn load(&self) -> Result<(RouteTable, Vec<u8>), String> {
         load_routes_with_bytes(&self.path)
     }
 
     /// Starts the reload task. `initial` is what [`RoutesWatch::load`] read: the file is
     /// reloaded when its bytes differ from those, including for a change that happened
     /// before this call.
-    pub fn serve(self, state: Arc<ProxyState>, initial: Vec<u8>) -> Reloader {
+    pub(crate) fn serve(self, state: Arc<ProxyState>, initial: Vec<u8>) -> Reloader {
         let RoutesWatch {
             path,
             tx,
@@ -179,7 +179,7 @@ impl RoutesWatch {
 
 impl Reloader {
     /// Asks for a reload (SIGHUP).
-    pub fn trigger(&self, trigger: Trigger) {
+    pub(crate) fn trigger(&self, trigger: Trigger) {
         let _ = self.tx.try_send(trigger);
     }
 }
@@ -241,7 +241,7 @@ async fn run(
 }
 
 /// Loads the file and swaps it in when valid; logs one `reload` event either way.
-pub async fn reload(state: &ProxyState, path: &Path, trigger: Trigger) -> bool {
+pub(crate) async fn reload(state: &ProxyState, path: &Path, trigger: Trigger) -> bool {
     let owned = path.to_path_buf();
     let loaded = tokio::task::spawn_blocking(move || load_routes(&owned))
         .await

@@ -7,7 +7,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// Every address configured on a local interface (empty if the OS will not say).
-pub fn local_addresses() -> Vec<IpAddr> {
+pub(crate) fn local_addresses() -> Vec<IpAddr> {
     let mut out = Vec::new();
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `list` with a linked list that we only read, following
@@ -73,7 +73,7 @@ pub fn harden_process() -> Result<(), String> {
 /// unprivileged process may do: a container's soft limit is often 1024 while its hard
 /// limit is far higher. Returns the soft limit in force afterwards and, when it could not
 /// be raised, why (naming the call); `Err` when the limit cannot even be read.
-pub fn raise_open_files_limit() -> Result<(u64, Option<String>), String> {
+pub(crate) fn raise_open_files_limit() -> Result<(u64, Option<String>), String> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -106,7 +106,7 @@ pub fn raise_open_files_limit() -> Result<(u64, Option<String>), String> {
 }
 
 /// How many descriptors the process has open now (`None` if /proc will not say).
-pub fn open_descriptors() -> Option<usize> {
+pub(crate) fn open_descriptors() -> Option<usize> {
     // The directory's own descriptor, open while it is listed, is not counted.
     std::fs::read_dir("/proc/self/fd")
         .ok()

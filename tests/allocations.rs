@@ -6,8 +6,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
-use egress_proxy::policy::{self, Authority, Channel, RequestView};
-use egress_proxy::routes::{Host, OneSecret, RouteTable};
+use egress_proxy::{Authority, Channel, Host, OneSecret, RequestView, RouteTable, decide};
 use http::{Method, Request, Version};
 
 struct CountingAllocator;
@@ -25,17 +24,21 @@ fn count() {
 unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         count();
+        // SAFETY: the caller's contract for this call is passed on unchanged.
         unsafe { System.alloc(layout) }
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         count();
+        // SAFETY: the caller's contract for this call is passed on unchanged.
         unsafe { System.alloc_zeroed(layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         count();
+        // SAFETY: the caller's contract for this call is passed on unchanged.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller's contract for this call is passed on unchanged.
         unsafe { System.dealloc(ptr, layout) }
     }
 }
@@ -144,9 +147,8 @@ fn an_allowed_request_is_decided_without_allocating() {
             version: req.version(),
             headers: req.headers(),
         };
-        let (allocations, decision) = allocations_in(|| {
-            policy::decide(&routes, &authority, channel, view).map(|a| a.route.index)
-        });
+        let (allocations, decision) =
+            allocations_in(|| decide(&routes, &authority, channel, view).map(|a| a.route.index));
         assert!(decision.is_ok(), "{host} {target}: {decision:?}");
         assert_eq!(allocations, 0, "{host} {target}: {allocations} allocations");
     }
@@ -167,7 +169,7 @@ fn an_allowed_request_is_decided_without_allocating() {
         headers: req.headers(),
     };
     let (allocations, decision) = allocations_in(|| {
-        policy::decide(&routes, &authority, Channel::Tunnel, view).map(|a| a.route.index)
+        decide(&routes, &authority, Channel::Tunnel, view).map(|a| a.route.index)
     });
     assert!(decision.is_err());
     assert!(allocations > 0);

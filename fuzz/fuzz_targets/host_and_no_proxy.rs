@@ -1,8 +1,7 @@
 //! Host parsing, route host patterns and NO_PROXY lists: never panic; parsing is
 //! canonical (a parsed host re-parses to itself).
 #![no_main]
-use egress_proxy::chain::NoProxy;
-use egress_proxy::routes::{Host, HostPattern};
+use egress_proxy::{Host, HostPattern, NoProxy};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

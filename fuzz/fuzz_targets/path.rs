@@ -2,7 +2,7 @@
 //! and no empty segment but a trailing one; its escapes, decoded once, are UTF-8; `/**`
 //! matches every accepted path.
 #![no_main]
-use egress_proxy::routes::{PathPattern, check_request_path};
+use egress_proxy::{PathPattern, check_request_path};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -2,9 +2,10 @@
 //! the strict framing check, then the policy. Never panics; whatever the policy allows
 //! names the tunnel's host and has an unambiguous path.
 #![no_main]
-use egress_proxy::policy::{Authority, Channel, RequestView, decide};
-use egress_proxy::proxy::framing::HeadLog;
-use egress_proxy::routes::{Host, RouteTable, SecretSource, check_request_path};
+use egress_proxy::{
+    Authority, Channel, HeadLog, Host, RequestView, RouteTable, SecretSource, check_request_path,
+    decide,
+};
 use libfuzzer_sys::fuzz_target;
 
 struct Fixed;

@@ -1,6 +1,6 @@
 //! The routes-file parser and validator: never panic, whatever the text.
 #![no_main]
-use egress_proxy::routes::{Host, RouteTable, SecretSource};
+use egress_proxy::{Host, RouteTable, SecretSource};
 use libfuzzer_sys::fuzz_target;
 
 struct Fixed;

@@ -19,7 +19,7 @@ use crate::error::{BodyError, BoxError};
 
 /// Why a request's body was cut short, if it was, for the request's log record (the
 /// agent already has its status line by then): written once, by whatever cut it.
-pub type CutNote = Arc<OnceLock<String>>;
+pub(crate) type CutNote = Arc<OnceLock<String>>;
 
 pin_project! {
     /// Wraps a body: counts its bytes into `bytes`, fails it after `idle` without a
@@ -38,7 +38,7 @@ pin_project! {
 }
 
 impl<B, K> Tracked<B, K> {
-    pub fn new(inner: B, idle: Duration, bytes: Arc<AtomicU64>, keep: K) -> Self {
+    pub(crate) fn new(inner: B, idle: Duration, bytes: Arc<AtomicU64>, keep: K) -> Self {
         Tracked {
             inner,
             silence: tokio::time::sleep(idle),
@@ -50,7 +50,7 @@ impl<B, K> Tracked<B, K> {
     }
 
     /// Notes in `note` why the body failed, if it does: `from`'s silence or error.
-    pub fn noting(mut self, note: CutNote, from: &'static str) -> Self {
+    pub(crate) fn noting(mut self, note: CutNote, from: &'static str) -> Self {
         self.note = Some((note, from));
         self
     }
@@ -131,7 +131,7 @@ pin_project! {
 }
 
 impl<B> RecordSized<B> {
-    pub fn new(inner: B) -> Self {
+    pub(crate) fn new(inner: B) -> Self {
         RecordSized {
             inner,
             rest: Bytes::new(),

@@ -23,15 +23,27 @@ use pin_project_lite::pin_project;
 use super::ClientConn;
 use super::body::{CutNote, RecordSized, Tracked};
 use super::framing::HeadLog;
-use super::intercept::Tunnel;
 use super::stall::Cuttable;
+use crate::audit::RequestEvent;
 use crate::error::{ErrorKind, ProxyBody, ProxyError, empty_body};
 use crate::policy::{self, Authority, Channel, RequestView, TargetError, parse_target};
 use crate::routes::Injection;
 use crate::upstream::{ConnectionSlot, Target};
 
+/// An intercepted tunnel as every request on it sees it (`intercept` serves it).
+#[derive(Debug)]
+pub(crate) struct Tunnel {
+    pub conn: ClientConn,
+    pub authority: Authority,
+    /// Raw request heads, for the strict framing check (HTTP/1.1 only).
+    pub head_log: Option<Arc<HeadLog>>,
+}
+
 /// A request inside an intercepted tunnel.
-pub async fn intercepted(req: Request<Incoming>, tunnel: Arc<Tunnel>) -> Response<ProxyBody> {
+pub(crate) async fn intercepted(
+    req: Request<Incoming>,
+    tunnel: Arc<Tunnel>,
+) -> Response<ProxyBody> {
     process(
         req,
         &tunnel.conn,
@@ -43,7 +55,7 @@ pub async fn intercepted(req: Request<Incoming>, tunnel: Arc<Tunnel>) -> Respons
 }
 
 /// A request on the proxy listener itself: only absolute-form `http://` is forwarded.
-pub async fn plain_http(req: Request<Incoming>, conn: ClientConn) -> Response<ProxyBody> {
+pub(crate) async fn plain_http(req: Request<Incoming>, conn: ClientConn) -> Response<ProxyBody> {
     let refuse = |kind, reason: &str, host: &str| {
         let e = ProxyError::new(kind, reason);
         RequestRecord::new(&conn, host.to_owned(), 0, &req, Instant::now())
@@ -514,28 +526,27 @@ impl Drop for RequestRecord {
         self.metrics
             .count_request(self.decision, self.reason.unwrap_or("ok"));
         self.metrics.count_bytes(up, down);
-        tracing::info!(
-            target: "egress_proxy::audit",
-            event = "request",
-            conn = self.conn,
-            client = &*self.client,
-            host = self.host.as_str(),
-            port = self.port,
-            method = self.method.as_str(),
-            path = self.path.as_str(),
-            route = self.route,
-            decision = self.decision,
-            reason = self.reason,
-            detail = self
+        RequestEvent {
+            conn: self.conn,
+            client: &self.client,
+            host: &self.host,
+            port: self.port,
+            method: self.method.as_str(),
+            path: &self.path,
+            route: self.route,
+            decision: self.decision,
+            reason: self.reason,
+            detail: self
                 .detail
                 .as_deref()
                 .or(self.cut.get().map(String::as_str))
                 .or(self.write_stall.cut()),
-            status = self.status,
-            bytes_up = up,
-            bytes_down = down,
-            duration_ms = self.started.elapsed().as_millis() as u64,
-        );
+            status: self.status,
+            bytes_up: up,
+            bytes_down: down,
+            duration_ms: self.started.elapsed().as_millis() as u64,
+        }
+        .log();
     }
 }
 

@@ -23,9 +23,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::StartHandshake;
 use tokio_rustls::server::TlsStream;
 
+use super::forward::{self, Tunnel};
 use super::framing::{HeadLog, Sniffed};
 use super::observe::{IoObserver, Observed};
-use super::{ClientConn, drive_connection, forward};
+use super::{ClientConn, drive_connection};
+use crate::audit::ConnectEvent;
 use crate::ca::CaError;
 use crate::error::ProxyBody;
 use crate::metrics::TLS_HANDSHAKE_FAILED;
@@ -36,15 +38,6 @@ use crate::routes::Host;
 /// server sends when the SNI names a host it does not serve.
 const UNRECOGNIZED_NAME_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70];
 
-/// The tunnel as every request on it sees it.
-#[derive(Debug)]
-pub struct Tunnel {
-    pub conn: ClientConn,
-    pub authority: Authority,
-    /// Raw request heads, for the strict framing check (HTTP/1.1 only).
-    pub head_log: Option<Arc<HeadLog>>,
-}
-
 /// Why a tunnel ended before serving HTTP.
 enum TlsFailure {
     /// SNI named another host.
@@ -54,7 +47,12 @@ enum TlsFailure {
 
 /// Serves an upgraded CONNECT stream until the agent or the idle timeout closes it, then
 /// logs the one `connect` event with what the tunnel carried.
-pub async fn run(upgraded: Upgraded, authority: Authority, conn: ClientConn, started: Instant) {
+pub(crate) async fn run(
+    upgraded: Upgraded,
+    authority: Authority,
+    conn: ClientConn,
+    started: Instant,
+) {
     let counters = Arc::new(Counters::default());
     let io = Observed::new(TokioIo::new(upgraded), counters.clone());
     let state = conn.state.clone();
@@ -98,36 +96,36 @@ pub async fn run(upgraded: Upgraded, authority: Authority, conn: ClientConn, sta
             None
         }
     };
-    match &outcome {
-        None => metrics.count_connect("allow", "ok"),
-        Some(TlsFailure::Misdirected(_)) => metrics.count_connect("deny", "misdirected"),
-        Some(TlsFailure::Handshake(_)) => metrics.count_connect("allow", TLS_HANDSHAKE_FAILED),
-    }
-    let (up, down) = (
-        counters.read.load(Ordering::Relaxed),
-        counters.written.load(Ordering::Relaxed),
-    );
-    let ms = started.elapsed().as_millis() as u64;
+    let (decision, reason, status, detail, sni) = match &outcome {
+        None => ("allow", None, 200, None, None),
+        Some(TlsFailure::Misdirected(sni)) => {
+            ("deny", Some("misdirected"), 421, None, Some(sni.as_str()))
+        }
+        Some(TlsFailure::Handshake(why)) => (
+            "allow",
+            Some(TLS_HANDSHAKE_FAILED),
+            200,
+            Some(why.as_str()),
+            None,
+        ),
+    };
+    metrics.count_connect(decision, reason.unwrap_or("ok"));
     let host = authority.host.to_string();
-    match outcome {
-        None => tracing::info!(
-            target: "egress_proxy::audit",
-            event = "connect", conn = conn.id, client = %conn.client, host, port = authority.port,
-            decision = "allow", status = 200u16, bytes_up = up, bytes_down = down, duration_ms = ms,
-        ),
-        Some(TlsFailure::Misdirected(sni)) => tracing::info!(
-            target: "egress_proxy::audit",
-            event = "connect", conn = conn.id, client = %conn.client, host, port = authority.port,
-            decision = "deny", reason = "misdirected", status = 421u16, sni = %sni,
-            bytes_up = up, bytes_down = down, duration_ms = ms,
-        ),
-        Some(TlsFailure::Handshake(why)) => tracing::info!(
-            target: "egress_proxy::audit",
-            event = "connect", conn = conn.id, client = %conn.client, host, port = authority.port,
-            decision = "allow", reason = TLS_HANDSHAKE_FAILED, detail = %why, status = 200u16,
-            bytes_up = up, bytes_down = down, duration_ms = ms,
-        ),
+    ConnectEvent {
+        conn: conn.id,
+        client: &conn.client_text,
+        host: &host,
+        port: authority.port,
+        decision,
+        reason,
+        detail,
+        sni,
+        status,
+        bytes_up: counters.read.load(Ordering::Relaxed),
+        bytes_down: counters.written.load(Ordering::Relaxed),
+        duration_ms: started.elapsed().as_millis() as u64,
     }
+    .log();
 }
 
 /// The request handler of a tunnel's HTTP server. Each request's future is boxed: hyper

@@ -22,6 +22,7 @@ use super::framing::{HeadLog, Sniffed};
 use super::linger::LingeringTcp;
 use super::stall::{StallSwitch, WriteStall};
 use super::{ClientConn, OpenConnection, ProxyState, drive_connection, forward, intercept};
+use crate::audit::ConnectEvent;
 use crate::destination;
 use crate::error::{ErrorKind, ProxyBody, ProxyError, empty_body};
 use crate::policy::{Authority, TargetError, parse_target};
@@ -177,7 +178,7 @@ fn out_of_descriptors(e: &std::io::Error) -> bool {
 }
 
 /// Accepts connections until `shutdown` resolves.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     state: Arc<ProxyState>,
     shutdown: impl Future<Output = ()>,
@@ -218,7 +219,6 @@ pub async fn serve(
         state.metrics.open_connections.inc();
         let conn = ClientConn {
             id: state.next_id(),
-            client,
             client_text: client.to_string().into(),
             state: state.clone(),
             activity: super::Activity::new(),
@@ -253,7 +253,9 @@ async fn refuse_over_limit(
     }
     let e = ProxyError::new(ErrorKind::TooManyConnections, why);
     state.metrics.count_connect("deny", e.kind.code());
-    tracing::warn!(target: "egress_proxy::audit", event = "connect", client = %client, decision = "deny", reason = e.kind.code(), status = 503u16);
+    // Its CONNECT was never read: no host or port to log.
+    let client = client.to_string();
+    refused_connect(state.next_id(), &client, "", 0, &e).log();
     // No HTTP server runs on this connection, so the one response is written by hand.
     let (parts, body) = e.response("", true).into_parts();
     let body = body
@@ -321,12 +323,31 @@ async fn handle(req: Request<Incoming>, conn: ClientConn) -> Response<ProxyBody>
 /// Logs a refused CONNECT.
 fn log_connect_refused(conn: &ClientConn, target: &str, port: u16, e: &ProxyError) {
     conn.state.metrics.count_connect("deny", e.kind.code());
-    tracing::info!(
-        target: "egress_proxy::audit",
-        event = "connect", conn = conn.id, client = %conn.client, host = target, port,
-        decision = "deny", reason = e.kind.code(), status = e.kind.status().as_u16(), detail = %e.reason,
-        bytes_up = 0u64, bytes_down = 0u64, duration_ms = 0u64,
-    );
+    refused_connect(conn.id, &conn.client_text, target, port, e).log();
+}
+
+/// The `connect` event of a CONNECT refused before its tunnel opened.
+fn refused_connect<'a>(
+    conn: u64,
+    client: &'a str,
+    host: &'a str,
+    port: u16,
+    e: &'a ProxyError,
+) -> ConnectEvent<'a> {
+    ConnectEvent {
+        conn,
+        client,
+        host,
+        port,
+        decision: "deny",
+        reason: Some(e.kind.code()),
+        detail: Some(&e.reason),
+        sni: None,
+        status: e.kind.status().as_u16(),
+        bytes_up: 0,
+        bytes_down: 0,
+        duration_ms: 0,
+    }
 }
 
 /// Decides a CONNECT and, when allowed, hands the upgraded stream to the interceptor.

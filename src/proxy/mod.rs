@@ -5,14 +5,14 @@
 //! refusals through [`crate::error::ProxyError`]. What all connections share lives in
 //! [`ProxyState`].
 
-pub mod body;
-pub mod forward;
-pub mod framing;
-pub mod intercept;
+pub(crate) mod body;
+pub(crate) mod forward;
+pub(crate) mod framing;
+pub(crate) mod intercept;
 mod linger;
-pub mod listener;
-pub mod observe;
-pub mod stall;
+pub(crate) mod listener;
+pub(crate) mod observe;
+pub(crate) mod stall;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -31,7 +31,7 @@ use crate::upstream::Upstream;
 
 /// Limits of SPEC §2 and §4a that the agent side enforces.
 #[derive(Debug, Clone)]
-pub struct ClientLimits {
+pub(crate) struct ClientLimits {
     /// CONNECT head, then the TLS handshake.
     pub client_timeout: Duration,
     /// No request in flight on a connection; also bounds a request head.
@@ -60,7 +60,7 @@ impl ClientLimits {
 }
 
 /// What every connection shares.
-pub struct ProxyState {
+pub(crate) struct ProxyState {
     /// The routes in force; swapped whole on reload, read once per request.
     pub routes: ArcSwap<RouteTable>,
     pub leaves: LeafCache,
@@ -84,7 +84,7 @@ impl std::fmt::Debug for ProxyState {
 }
 
 impl ProxyState {
-    pub fn new(
+    pub(crate) fn new(
         routes: RouteTable,
         leaves: LeafCache,
         upstream: Arc<Upstream>,
@@ -106,27 +106,27 @@ impl ProxyState {
         })
     }
 
-    pub fn open_connections(&self) -> usize {
+    pub(crate) fn open_connections(&self) -> usize {
         self.metrics.open_connections.get().max(0) as usize
     }
 
     /// Asks every connection to finish its in-flight requests and close.
-    pub fn begin_shutdown(&self) {
+    pub(crate) fn begin_shutdown(&self) {
         self.shutdown.send_replace(true);
     }
 
-    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+    pub(crate) fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown.subscribe()
     }
 
     /// Resolves once the proxy has begun shutting down (at once if it has).
-    pub async fn shutdown_begun(&self) {
+    pub(crate) async fn shutdown_begun(&self) {
         let mut rx = self.shutdown.subscribe();
         // The sender lives in `self`, which is borrowed here: this cannot fail.
         let _ = rx.wait_for(|down| *down).await;
     }
 
-    pub fn is_shutting_down(&self) -> bool {
+    pub(crate) fn is_shutting_down(&self) -> bool {
         *self.shutdown.borrow()
     }
 
@@ -137,7 +137,7 @@ impl ProxyState {
 
 /// Tracks requests in flight on one agent connection, so an idle one can be closed.
 #[derive(Debug)]
-pub struct Activity {
+pub(crate) struct Activity {
     in_flight: AtomicUsize,
     /// When the connection last became idle, in ms since `epoch`.
     idle_since_ms: AtomicU64,
@@ -145,7 +145,7 @@ pub struct Activity {
 }
 
 impl Activity {
-    pub fn new() -> Arc<Activity> {
+    pub(crate) fn new() -> Arc<Activity> {
         Arc::new(Activity {
             in_flight: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
@@ -154,7 +154,7 @@ impl Activity {
     }
 
     /// Marks a request in flight until the returned guard is dropped.
-    pub fn begin(self: &Arc<Self>) -> InFlight {
+    pub(crate) fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(self.clone())
     }
@@ -171,7 +171,7 @@ impl Activity {
 
 /// A request in flight; see [`Activity::begin`].
 #[derive(Debug)]
-pub struct InFlight(Arc<Activity>);
+pub(crate) struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -204,7 +204,7 @@ const DRAIN_POLL: Duration = Duration::from_millis(50);
 /// The connection comes boxed: pinned in place here it would be stored twice in this
 /// future (as the argument and as the pinned local), and this future lives, allocated
 /// whole, for as long as the agent keeps the connection open.
-pub async fn drive_connection<C, G>(
+pub(crate) async fn drive_connection<C, G>(
     mut conn: Pin<Box<C>>,
     graceful: G,
     activity: &Activity,
@@ -287,11 +287,10 @@ impl Drop for OpenConnection {
 
 /// Who is on the other end of an agent connection.
 #[derive(Debug, Clone)]
-pub struct ClientConn {
+pub(crate) struct ClientConn {
     pub id: u64,
-    pub client: SocketAddr,
-    /// `client` as the audit log writes it, formatted once for every request on the
-    /// connection.
+    /// The agent's address as the audit log writes it, formatted once for every request
+    /// on the connection.
     pub client_text: Arc<str>,
     pub state: Arc<ProxyState>,
     pub activity: Arc<Activity>,

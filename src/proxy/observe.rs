@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Told about the bytes that pass through an [`Observed`] stream.
-pub trait IoObserver {
+pub(crate) trait IoObserver {
     /// `bytes` were just read from the stream.
     fn on_read(&self, bytes: &[u8]);
     /// `n` bytes were just written to the stream.
@@ -23,13 +23,13 @@ pub trait IoObserver {
 }
 
 /// A stream whose reads and writes are reported to `observer`.
-pub struct Observed<IO, O> {
+pub(crate) struct Observed<IO, O> {
     inner: IO,
     observer: O,
 }
 
 impl<IO, O> Observed<IO, O> {
-    pub fn new(inner: IO, observer: O) -> Self {
+    pub(crate) fn new(inner: IO, observer: O) -> Self {
         Observed { inner, observer }
     }
 }

@@ -38,7 +38,7 @@ use crate::upstream::LastMoved;
 /// as the agent likes), and saying why it cut the connection, if it did, for the log
 /// record of the request that was in flight.
 #[derive(Debug, Clone, Default)]
-pub struct StallSwitch(Arc<SwitchState>);
+pub(crate) struct StallSwitch(Arc<SwitchState>);
 
 #[derive(Debug, Default)]
 struct SwitchState {
@@ -47,7 +47,7 @@ struct SwitchState {
 }
 
 impl StallSwitch {
-    pub fn turn_off(&self) {
+    pub(crate) fn turn_off(&self) {
         self.0.off.store(true, Ordering::Relaxed);
     }
 
@@ -56,14 +56,14 @@ impl StallSwitch {
     }
 
     /// Why the connection was cut, once it was.
-    pub fn cut(&self) -> Option<&str> {
+    pub(crate) fn cut(&self) -> Option<&str> {
         self.0.cut.get().map(String::as_str)
     }
 }
 
 /// An agent's stream whose writes fail once none has made progress for `timeout`.
 #[derive(Debug)]
-pub struct WriteStall<IO> {
+pub(crate) struct WriteStall<IO> {
     inner: IO,
     timeout: Duration,
     switch: StallSwitch,
@@ -74,7 +74,7 @@ pub struct WriteStall<IO> {
 }
 
 impl<IO> WriteStall<IO> {
-    pub fn new(inner: IO, timeout: Duration, switch: StallSwitch) -> Self {
+    pub(crate) fn new(inner: IO, timeout: Duration, switch: StallSwitch) -> Self {
         WriteStall {
             inner,
             timeout,
@@ -82,10 +82,6 @@ impl<IO> WriteStall<IO> {
             timer: None,
             stalled: false,
         }
-    }
-
-    pub fn get_ref(&self) -> &IO {
-        &self.inner
     }
 
     /// Notes how a write went; a write that has been blocked for the timeout becomes an
@@ -192,7 +188,7 @@ impl<B> Shared<B> {
 
 /// An HTTP/2 response body that a watcher task drops once hyper has taken no frame of it
 /// for the timeout (see the module doc). The watcher ends with the body.
-pub struct Cuttable<B> {
+pub(crate) struct Cuttable<B> {
     shared: Arc<Shared<B>>,
     timeout: Duration,
     /// Dropped with the body, which ends the watcher.
@@ -201,7 +197,7 @@ pub struct Cuttable<B> {
 
 impl<B: Send + 'static> Cuttable<B> {
     /// Watches `body`; a cut is noted in `note` for the request's log record.
-    pub fn new(body: B, timeout: Duration, note: CutNote) -> Self {
+    pub(crate) fn new(body: B, timeout: Duration, note: CutNote) -> Self {
         let shared = Arc::new(Shared {
             body: Mutex::new(Some(Box::pin(body))),
             moved: LastMoved::now(),

@@ -16,8 +16,9 @@ use base64::Engine;
 use http::{HeaderName, HeaderValue, Method};
 use serde::Deserialize;
 
-pub use host::{Host, HostError, HostPattern, HostPatternError};
-pub use path::{PathError, PathPattern, PatternError, check_request_path};
+pub(crate) use host::HostError;
+pub use host::{Host, HostPattern};
+pub use path::{PathPattern, check_request_path};
 
 /// The routes file as an orchestrator renders it (YAML, or JSON, which is YAML too).
 #[derive(Debug, Deserialize)]
@@ -87,7 +88,7 @@ fn invalid(index: usize, field: &'static str, reason: impl fmt::Display) -> Rout
 /// Parses a routes file's text. JSON is parsed as JSON (better error positions for what
 /// an orchestrator renders); anything else as YAML, refusing duplicate keys (also through
 /// merge keys) and with serde-saphyr's default parse budget.
-pub fn parse_routes_text(text: &str) -> Result<RoutesFile, RoutesError> {
+pub(crate) fn parse_routes_text(text: &str) -> Result<RoutesFile, RoutesError> {
     if text.trim_start().starts_with('{') {
         return serde_json::from_str(text).map_err(|e| RoutesError::Syntax(e.to_string()));
     }
@@ -116,7 +117,7 @@ mod yaml_keys {
     use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
     use std::fmt;
 
-    pub enum Node {
+    pub(super) enum Node {
         Map(Vec<(String, Node)>),
         Seq(Vec<Node>),
         Scalar,
@@ -208,7 +209,7 @@ mod yaml_keys {
 
     /// Refuses a mapping where a key brought in by `<<` is also written explicitly, or is
     /// brought in twice.
-    pub fn refuse_merge_duplicates(node: &Node) -> Result<(), String> {
+    pub(super) fn refuse_merge_duplicates(node: &Node) -> Result<(), String> {
         match node {
             Node::Scalar => Ok(()),
             Node::Seq(items) => items.iter().try_for_each(refuse_merge_duplicates),
@@ -302,6 +303,8 @@ impl Route {
 }
 
 /// Why the routes refuse a request.
+// The variants are named after the contract's codes (`host_not_allowed`, ...).
+#[allow(clippy::enum_variant_names)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Denial {
     HostNotAllowed,
@@ -585,7 +588,7 @@ pub(crate) mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    pub struct MapSecrets(pub HashMap<String, String>);
+    pub(crate) struct MapSecrets(pub HashMap<String, String>);
 
     impl SecretSource for MapSecrets {
         fn env(&self, name: &str) -> Option<String> {
@@ -599,7 +602,7 @@ pub(crate) mod tests {
         }
     }
 
-    pub fn secrets() -> MapSecrets {
+    pub(crate) fn secrets() -> MapSecrets {
         MapSecrets(HashMap::from([
             ("EGRESS_PROXY_TOKEN_0".into(), "tok0".into()),
             ("EGRESS_PROXY_TOKEN_1".into(), "user:pass".into()),

@@ -24,11 +24,16 @@ use super::h2::OpenStream;
 use crate::error::{BodyError, BoxError};
 
 /// A response body from either client.
-pub enum UpstreamBody {
+pub(crate) enum UpstreamBody {
     Hyper(Incoming),
-    /// The stream, whether its data has ended (trailers may follow), and its count in
-    /// the connection's open requests.
-    H2(h2::RecvStream, bool, OpenStream),
+    /// The stream, whether its data has ended (trailers may follow), and the request's
+    /// count in the connection's open streams (and the stream budget), held until the
+    /// body is dropped.
+    H2 {
+        recv: h2::RecvStream,
+        data_done: bool,
+        _open: OpenStream,
+    },
 }
 
 impl Body for UpstreamBody {
@@ -43,7 +48,9 @@ impl Body for UpstreamBody {
             UpstreamBody::Hyper(b) => Pin::new(b)
                 .poll_frame(cx)
                 .map_err(|e| Box::new(e) as BoxError),
-            UpstreamBody::H2(recv, data_done, _) => {
+            UpstreamBody::H2 {
+                recv, data_done, ..
+            } => {
                 if !*data_done {
                     match recv.poll_data(cx) {
                         Poll::Ready(Some(Ok(data))) => {
@@ -68,7 +75,7 @@ impl Body for UpstreamBody {
     fn is_end_stream(&self) -> bool {
         match self {
             UpstreamBody::Hyper(b) => b.is_end_stream(),
-            UpstreamBody::H2(r, _, _) => r.is_end_stream(),
+            UpstreamBody::H2 { recv, .. } => recv.is_end_stream(),
         }
     }
 }

@@ -246,7 +246,11 @@ impl H2Conn {
                 open.budget = Some(budget);
                 Ok(Response::from_parts(
                     parts,
-                    UpstreamBody::H2(recv, false, open),
+                    UpstreamBody::H2 {
+                        recv,
+                        data_done: false,
+                        _open: open,
+                    },
                 ))
             }
         }
@@ -308,7 +312,7 @@ fn set_uri(target: &Target, req: &mut Request<ProxyBody>) -> Result<(), SendErro
 }
 
 /// One open request on an [`H2Conn`], until dropped.
-pub struct OpenStream {
+pub(crate) struct OpenStream {
     shared: Arc<H2Shared>,
     /// Keeps the request body's copier going; dropped, it stops it.
     upload_alive: Option<tokio::sync::oneshot::Sender<()>>,

@@ -33,7 +33,7 @@ use rustls_pki_types::CertificateDer;
 use tokio_rustls::TlsConnector;
 
 pub(crate) use self::body::LastMoved;
-pub use self::body::UpstreamBody;
+pub(crate) use self::body::UpstreamBody;
 use self::body::{Upload, UploadState, await_head};
 use self::h2::H2Conn;
 use self::pool::{Checkout, H1Conn, Pool, Sender, Setup};
@@ -48,11 +48,11 @@ use crate::routes::Host;
 const MAX_ATTEMPTS: usize = 4;
 
 /// Operator-pinned addresses (`--resolve HOST:PORT:ADDR`), trusted as given.
-pub type ResolveMap = HashMap<(Host, u16), Vec<IpAddr>>;
+pub(crate) type ResolveMap = HashMap<(Host, u16), Vec<IpAddr>>;
 
 /// What the upstream side needs from the configuration.
 #[derive(Debug, Clone)]
-pub struct UpstreamSettings {
+pub(crate) struct UpstreamSettings {
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
     pub max_header_bytes: usize,
@@ -70,7 +70,7 @@ pub struct UpstreamSettings {
 
 /// Where a request goes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Target {
+pub(crate) struct Target {
     pub host: Host,
     pub port: u16,
     pub tls: bool,
@@ -80,7 +80,7 @@ pub struct Target {
 impl Target {
     /// `host[:port]` as it goes in a `Host` header or an absolute URI (port omitted when
     /// it is the scheme's default).
-    pub fn authority(&self) -> String {
+    pub(crate) fn authority(&self) -> String {
         let default = if self.tls { 443 } else { 80 };
         // Built by hand, not with `format!`: this runs for every request.
         let mut out = self.host.authority_form();
@@ -93,7 +93,7 @@ impl Target {
 }
 
 /// The upstream side of the proxy: shared by every tunnel.
-pub struct Upstream {
+pub(crate) struct Upstream {
     settings: UpstreamSettings,
     /// ALPN `h2`, `http/1.1`: ordinary requests.
     tls: TlsConnector,
@@ -110,7 +110,7 @@ pub struct Upstream {
 /// A WebSocket's upstream connection's place in the connection budget, carried in the
 /// `101` response's extensions for the relay to hold.
 #[derive(Clone)]
-pub struct ConnectionSlot(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
+pub(crate) struct ConnectionSlot(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -120,7 +120,7 @@ impl std::fmt::Debug for Upstream {
 
 impl Upstream {
     /// Builds the TLS client configurations: public roots plus `extra_roots`, nothing else.
-    pub fn new(settings: UpstreamSettings) -> Result<Upstream, String> {
+    pub(crate) fn new(settings: UpstreamSettings) -> Result<Upstream, String> {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         for (i, der) in settings.extra_roots.iter().enumerate() {
@@ -149,7 +149,7 @@ impl Upstream {
     }
 
     /// Starts the task that drops idle pooled connections; it ends with the `Upstream`.
-    pub fn spawn_reaper(self: &Arc<Self>) {
+    pub(crate) fn spawn_reaper(self: &Arc<Self>) {
         let weak: Weak<Upstream> = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(pool::SWEEP_EVERY);
@@ -169,7 +169,7 @@ impl Upstream {
     /// `replayable` (bodiless and idempotent) and it fails on a reused connection before
     /// any response byte arrived, it is sent once more on a new one (SPEC §4.3). A failure
     /// of the agent's own body is the agent's: `400 bad_request`, whatever the send said.
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         target: &Target,
         req: Request<ProxyBody>,
@@ -274,7 +274,7 @@ impl Upstream {
 
     /// Sends a WebSocket upgrade request over a new HTTP/1.1 connection that supports
     /// upgrades; the caller joins the two upgraded streams.
-    pub async fn send_upgrade(
+    pub(crate) async fn send_upgrade(
         &self,
         target: &Target,
         req: Request<ProxyBody>,

@@ -30,24 +30,24 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector, client::TlsStream};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub type ClientBody = BoxBody<Bytes, BoxError>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type ClientBody = BoxBody<Bytes, BoxError>;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_egress-proxy");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_egress-proxy");
 
-pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 /// A CA for test upstreams (what `--upstream-ca` trusts).
-pub struct TestCa {
+pub(crate) struct TestCa {
     issuer: Issuer<'static, KeyPair>,
     pub pem: String,
     pub der: CertificateDer<'static>,
 }
 
 impl TestCa {
-    pub fn new(name: &str) -> TestCa {
+    pub(crate) fn new(name: &str) -> TestCa {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, name);
@@ -62,7 +62,11 @@ impl TestCa {
     }
 
     /// A server config with a leaf for `names`, offering `alpn`.
-    pub fn server_config(&self, names: &[&str], alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
+    pub(crate) fn server_config(
+        &self,
+        names: &[&str],
+        alpn: &[&[u8]],
+    ) -> Arc<rustls::ServerConfig> {
         let key = KeyPair::generate().unwrap();
         let mut params =
             CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
@@ -85,7 +89,7 @@ impl TestCa {
 
 /// One request as the upstream received it.
 #[derive(Debug, Clone)]
-pub struct Seen {
+pub(crate) struct Seen {
     pub method: String,
     pub path_and_query: String,
     pub version: http::Version,
@@ -104,7 +108,7 @@ pub struct Seen {
 /// - `/cut`: declares 1000 bytes, sends 10, closes;
 /// - `/slow-head`: waits 3 s before answering;
 /// - anything else: a JSON echo of method, path and headers.
-pub struct Upstream {
+pub(crate) struct Upstream {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
     pub connections: Arc<AtomicUsize>,
@@ -117,7 +121,7 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub async fn start(ca: &TestCa, names: &[&str], alpn: &[&[u8]]) -> Upstream {
+    pub(crate) async fn start(ca: &TestCa, names: &[&str], alpn: &[&[u8]]) -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let acceptor = TlsAcceptor::from(ca.server_config(names, alpn));
@@ -183,24 +187,24 @@ impl Upstream {
         }
     }
 
-    pub fn port(&self) -> u16 {
+    pub(crate) fn port(&self) -> u16 {
         self.addr.port()
     }
 
-    pub fn seen(&self) -> Vec<Seen> {
+    pub(crate) fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
 
-    pub fn saw_path(&self, needle: &str) -> bool {
+    pub(crate) fn saw_path(&self, needle: &str) -> bool {
         self.seen()
             .iter()
             .any(|s| s.path_and_query.contains(needle))
     }
 }
 
-pub const PATTERN_MOD: u64 = 251;
+pub(crate) const PATTERN_MOD: u64 = 251;
 
-pub fn pattern_byte(i: u64) -> u8 {
+pub(crate) fn pattern_byte(i: u64) -> u8 {
     (i % PATTERN_MOD) as u8
 }
 
@@ -460,7 +464,7 @@ fn free_port() -> u16 {
 }
 
 /// The real binary, running against a routes file in a temporary directory.
-pub struct Proxy {
+pub(crate) struct Proxy {
     child: Child,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
@@ -469,7 +473,7 @@ pub struct Proxy {
     log: Arc<Mutex<String>>,
 }
 
-pub struct ProxyBuilder {
+pub(crate) struct ProxyBuilder {
     routes: String,
     routes_path: Option<PathBuf>,
     self_proxy: bool,
@@ -480,7 +484,7 @@ pub struct ProxyBuilder {
 }
 
 impl ProxyBuilder {
-    pub fn new(routes: &str) -> Self {
+    pub(crate) fn new(routes: &str) -> Self {
         ProxyBuilder {
             routes: routes.to_owned(),
             routes_path: None,
@@ -493,43 +497,43 @@ impl ProxyBuilder {
     }
 
     /// Uses this CA directory (made by the test) instead of a fresh one.
-    pub fn ca_dir(mut self, dir: PathBuf) -> Self {
+    pub(crate) fn ca_dir(mut self, dir: PathBuf) -> Self {
         self.ca_dir = Some(dir);
         self
     }
 
     /// Starts the proxy with this soft and hard open-files limit (RLIMIT_NOFILE), the way
     /// a container runtime would hand them to it.
-    pub fn open_files_limit(mut self, soft: u64, hard: u64) -> Self {
+    pub(crate) fn open_files_limit(mut self, soft: u64, hard: u64) -> Self {
         self.open_files = Some((soft, hard));
         self
     }
 
     /// Sets HTTPS_PROXY to the proxy's own listener (the loop a sidecar inheriting the
     /// bottle's environment would make).
-    pub fn self_as_upstream_proxy(mut self) -> Self {
+    pub(crate) fn self_as_upstream_proxy(mut self) -> Self {
         self.self_proxy = true;
         self
     }
 
     /// Uses this routes file as it is instead of writing one.
-    pub fn routes_path(mut self, path: PathBuf) -> Self {
+    pub(crate) fn routes_path(mut self, path: PathBuf) -> Self {
         self.routes_path = Some(path);
         self
     }
 
-    pub fn arg(mut self, a: impl Into<String>) -> Self {
+    pub(crate) fn arg(mut self, a: impl Into<String>) -> Self {
         self.args.push(a.into());
         self
     }
 
-    pub fn env(mut self, k: &str, v: &str) -> Self {
+    pub(crate) fn env(mut self, k: &str, v: &str) -> Self {
         self.env.push((k.into(), v.into()));
         self
     }
 
     /// Trusts `ca` upstream and pins each `host` to 127.0.0.1 at `port`.
-    pub fn upstream(mut self, ca: &TestCa, hosts: &[(&str, u16)]) -> Self {
+    pub(crate) fn upstream(mut self, ca: &TestCa, hosts: &[(&str, u16)]) -> Self {
         let dir = std::env::temp_dir().join(format!("egress-proxy-test-ca-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(format!("{:x}.pem", fxhash(&ca.pem)));
@@ -543,13 +547,13 @@ impl ProxyBuilder {
         self
     }
 
-    pub fn start(self) -> Proxy {
+    pub(crate) fn start(self) -> Proxy {
         self.try_start()
             .unwrap_or_else(|e| panic!("proxy did not start: {e}"))
     }
 
     /// Starts the proxy; `Err` carries its stderr when it exits instead of listening.
-    pub fn try_start(self) -> Result<Proxy, String> {
+    pub(crate) fn try_start(self) -> Result<Proxy, String> {
         let dir = tempfile::tempdir().unwrap();
         let routes = match &self.routes_path {
             Some(p) => p.clone(),
@@ -671,17 +675,17 @@ fn fxhash(s: &str) -> u64 {
 }
 
 impl Proxy {
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
-    pub fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         self.log.lock().unwrap().clone()
     }
 
     /// The logs once they contain `needle` (the audit line of a request is written when
     /// its response has been sent, a moment after the client has read it), or after 3 s.
-    pub fn logs_with(&self, needle: &str) -> String {
+    pub(crate) fn logs_with(&self, needle: &str) -> String {
         let deadline = std::time::Instant::now() + Duration::from_secs(3);
         loop {
             let logs = self.logs();
@@ -692,21 +696,21 @@ impl Proxy {
         }
     }
 
-    pub fn ca_dir(&self) -> PathBuf {
+    pub(crate) fn ca_dir(&self) -> PathBuf {
         self.dir.path().join("ca")
     }
 
-    pub fn ca_cert_path(&self) -> PathBuf {
+    pub(crate) fn ca_cert_path(&self) -> PathBuf {
         self.ca_dir().join("ca-cert.pem")
     }
 
     /// Resident memory of the proxy process, in KiB.
-    pub fn rss_kib(&self) -> u64 {
+    pub(crate) fn rss_kib(&self) -> u64 {
         rss_kib(self.child.id())
     }
 
     /// Waits up to `timeout` for the process to exit; its exit code.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+    pub(crate) fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -719,7 +723,7 @@ impl Proxy {
         }
     }
 
-    pub fn signal(&self, sig: &str) {
+    pub(crate) fn signal(&self, sig: &str) {
         Command::new("kill")
             .arg(format!("-{sig}"))
             .arg(self.child.id().to_string())
@@ -728,11 +732,16 @@ impl Proxy {
     }
 
     /// Opens a tunnel through the proxy and completes TLS, trusting only the bottle CA.
-    pub async fn tunnel(&self, host: &str, port: u16, alpn: &[&[u8]]) -> TlsStream<TcpStream> {
+    pub(crate) async fn tunnel(
+        &self,
+        host: &str,
+        port: u16,
+        alpn: &[&[u8]],
+    ) -> TlsStream<TcpStream> {
         self.tunnel_sni(host, port, alpn, host).await.unwrap()
     }
 
-    pub async fn tunnel_sni(
+    pub(crate) async fn tunnel_sni(
         &self,
         host: &str,
         port: u16,
@@ -762,7 +771,7 @@ impl Proxy {
 
     /// Sends `CONNECT target`; the status, the whole head (and body if refused), and
     /// the stream.
-    pub async fn connect(&self, target: &str) -> (u16, String, TcpStream) {
+    pub(crate) async fn connect(&self, target: &str) -> (u16, String, TcpStream) {
         let mut tcp = TcpStream::connect(self.addr).await.unwrap();
         tcp.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
             .await
@@ -784,7 +793,7 @@ impl Proxy {
 
     /// Writes `raw` on a new plain connection to the proxy and returns what came back
     /// (until close or 2 s).
-    pub async fn raw(&self, raw: &[u8]) -> String {
+    pub(crate) async fn raw(&self, raw: &[u8]) -> String {
         let mut tcp = TcpStream::connect(self.addr).await.unwrap();
         tcp.write_all(raw).await.unwrap();
         let mut out = Vec::new();
@@ -800,7 +809,7 @@ impl Drop for Proxy {
     }
 }
 
-pub fn rss_kib(pid: u32) -> u64 {
+pub(crate) fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
@@ -811,7 +820,7 @@ pub fn rss_kib(pid: u32) -> u64 {
 
 /// Private (anonymous) resident memory of a process, in KiB: the heap and stacks, without
 /// the binary's pages that every process of it shares.
-pub fn rss_anon_kib(pid: u32) -> u64 {
+pub(crate) fn rss_anon_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
@@ -847,7 +856,7 @@ async fn read_body_by_length(tcp: &mut TcpStream, head: &str, out: &mut Vec<u8>)
     }
 }
 
-pub fn parse_status(head: &str) -> u16 {
+pub(crate) fn parse_status(head: &str) -> u16 {
     head.split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
@@ -855,7 +864,9 @@ pub fn parse_status(head: &str) -> u16 {
 }
 
 /// An HTTP/1.1 client connection over a tunnel.
-pub async fn h1(tls: TlsStream<TcpStream>) -> hyper::client::conn::http1::SendRequest<ClientBody> {
+pub(crate) async fn h1(
+    tls: TlsStream<TcpStream>,
+) -> hyper::client::conn::http1::SendRequest<ClientBody> {
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .unwrap();
@@ -866,7 +877,9 @@ pub async fn h1(tls: TlsStream<TcpStream>) -> hyper::client::conn::http1::SendRe
 }
 
 /// An HTTP/2 client connection over a tunnel.
-pub async fn h2(tls: TlsStream<TcpStream>) -> hyper::client::conn::http2::SendRequest<ClientBody> {
+pub(crate) async fn h2(
+    tls: TlsStream<TcpStream>,
+) -> hyper::client::conn::http2::SendRequest<ClientBody> {
     assert_eq!(
         tls.get_ref().1.alpn_protocol(),
         Some(&b"h2"[..]),
@@ -882,21 +895,21 @@ pub async fn h2(tls: TlsStream<TcpStream>) -> hyper::client::conn::http2::SendRe
     sender
 }
 
-pub fn empty() -> ClientBody {
+pub(crate) fn empty() -> ClientBody {
     full(Bytes::new())
 }
 
-pub fn body(b: impl Into<Bytes>) -> ClientBody {
+pub(crate) fn body(b: impl Into<Bytes>) -> ClientBody {
     full(b)
 }
 
 /// A request builder with a `Host` header for HTTP/1.1.
-pub fn get(host: &str, path: &str) -> http::request::Builder {
+pub(crate) fn get(host: &str, path: &str) -> http::request::Builder {
     Request::builder().uri(path).header("host", host)
 }
 
 /// Collects a response: status, headers, body.
-pub async fn collect(r: Response<Incoming>) -> (StatusCode, HeaderMap, Bytes) {
+pub(crate) async fn collect(r: Response<Incoming>) -> (StatusCode, HeaderMap, Bytes) {
     let (parts, body) = r.into_parts();
     let bytes = body
         .collect()
@@ -906,13 +919,13 @@ pub async fn collect(r: Response<Incoming>) -> (StatusCode, HeaderMap, Bytes) {
     (parts.status, parts.headers, bytes)
 }
 
-pub fn json(b: &[u8]) -> serde_json::Value {
+pub(crate) fn json(b: &[u8]) -> serde_json::Value {
     serde_json::from_slice(b)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(b)))
 }
 
 /// Asserts a proxy-made refusal: status, JSON `error`, and a Proxy-Status header.
-pub fn assert_refusal(
+pub(crate) fn assert_refusal(
     status: StatusCode,
     headers: &HeaderMap,
     body: &[u8],
@@ -936,7 +949,7 @@ pub fn assert_refusal(
     assert!(ps.contains(code), "{ps}");
 }
 
-pub fn write_file(dir: &Path, name: &str, content: &str) -> PathBuf {
+pub(crate) fn write_file(dir: &Path, name: &str, content: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, content).unwrap();
     p
@@ -944,7 +957,7 @@ pub fn write_file(dir: &Path, name: &str, content: &str) -> PathBuf {
 
 /// How the test upstream proxy answers a CONNECT.
 #[derive(Debug, Clone)]
-pub enum ProxyMode {
+pub(crate) enum ProxyMode {
     /// Tunnel to 127.0.0.1 at the requested port; with `Some(auth)`, demand exactly that
     /// `Proxy-Authorization` value (407 otherwise).
     Tunnel(Option<String>),
@@ -956,20 +969,20 @@ pub enum ProxyMode {
 
 /// What the test upstream proxy saw: the CONNECT target and its Proxy-Authorization.
 #[derive(Debug, Clone)]
-pub struct ProxySeen {
+pub(crate) struct ProxySeen {
     pub target: String,
     pub authorization: Option<String>,
 }
 
 /// A small CONNECT proxy on loopback that records what it is asked (plain, or TLS
 /// with a leaf from `tls` for "proxy.test").
-pub struct TestUpstreamProxy {
+pub(crate) struct TestUpstreamProxy {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<ProxySeen>>>,
 }
 
 impl TestUpstreamProxy {
-    pub async fn start(mode: ProxyMode, tls: Option<&TestCa>) -> TestUpstreamProxy {
+    pub(crate) async fn start(mode: ProxyMode, tls: Option<&TestCa>) -> TestUpstreamProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -997,7 +1010,7 @@ impl TestUpstreamProxy {
         TestUpstreamProxy { addr, seen }
     }
 
-    pub fn seen(&self) -> Vec<ProxySeen> {
+    pub(crate) fn seen(&self) -> Vec<ProxySeen> {
         self.seen.lock().unwrap().clone()
     }
 }
@@ -1067,7 +1080,7 @@ where
 impl Proxy {
     /// Sends raw bytes inside a TLS tunnel (HTTP/1.1 ALPN) and returns everything that
     /// comes back until the proxy closes or stays quiet for `quiet`.
-    pub async fn raw_in_tunnel(
+    pub(crate) async fn raw_in_tunnel(
         &self,
         host: &str,
         port: u16,

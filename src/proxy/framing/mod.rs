@@ -338,7 +338,7 @@ fn hex(b: u8) -> Option<u8> {
 }
 
 /// An HTTP/1.1 stream whose reads are recorded in a [`HeadLog`].
-pub type Sniffed<IO> = Observed<IO, Arc<HeadLog>>;
+pub(crate) type Sniffed<IO> = Observed<IO, Arc<HeadLog>>;
 
 impl IoObserver for Arc<HeadLog> {
     fn on_read(&self, bytes: &[u8]) {
