@@ -17,42 +17,60 @@ use tokio::time::{Instant, Sleep};
 
 use crate::error::{BodyError, BoxError};
 
-/// Why a request's body was cut short, if it was, for the request's log record (the
-/// agent already has its status line by then): written once, by whatever cut it.
-pub(crate) type CutNote = Arc<OnceLock<String>>;
+/// What one request's bodies moved each way, for its log record and the metrics, and why
+/// one was cut short, if it was (the agent already has its status line by then; written
+/// once, by whatever cut it). One allocation shared by the record and both bodies.
+#[derive(Debug, Default)]
+pub(crate) struct Moved {
+    pub(crate) up: AtomicU64,
+    pub(crate) down: AtomicU64,
+    pub(crate) cut: OnceLock<String>,
+}
+
+/// Which of a request's bodies a [`Tracked`] is.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Way {
+    /// The agent's request body, on its way up.
+    Up,
+    /// The upstream's response body, on its way down.
+    Down,
+}
+
+impl Way {
+    fn whose(self) -> &'static str {
+        match self {
+            Way::Up => "the agent",
+            Way::Down => "the upstream",
+        }
+    }
+}
 
 pin_project! {
-    /// Wraps a body: counts its bytes into `bytes`, fails it after `idle` without a
-    /// frame, and holds `_keep` until the body is dropped.
+    /// Wraps a body: counts its bytes into `moved` (its way's count), fails it after
+    /// `idle` without a frame (noting why in `moved`), and holds `_keep` until the body
+    /// is dropped.
     pub struct Tracked<B, K> {
         #[pin]
         inner: B,
         #[pin]
         silence: Sleep,
         idle: Duration,
-        bytes: Arc<AtomicU64>,
-        // Where a failure is noted, and whose body this is ("the agent", "the upstream").
-        note: Option<(CutNote, &'static str)>,
+        moved: Arc<Moved>,
+        way: Way,
         _keep: K,
     }
 }
 
 impl<B, K> Tracked<B, K> {
-    pub(crate) fn new(inner: B, idle: Duration, bytes: Arc<AtomicU64>, keep: K) -> Self {
+    pub(crate) fn new(inner: B, idle: Duration, moved: Arc<Moved>, way: Way, keep: K) -> Self {
         Tracked {
             inner,
             silence: tokio::time::sleep(idle),
             idle,
-            bytes,
-            note: None,
+            moved,
+            way,
             _keep: keep,
         }
-    }
-
-    /// Notes in `note` why the body failed, if it does: `from`'s silence or error.
-    pub(crate) fn noting(mut self, note: CutNote, from: &'static str) -> Self {
-        self.note = Some((note, from));
-        self
     }
 }
 
@@ -72,25 +90,33 @@ where
         match this.inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    this.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    let count = match this.way {
+                        Way::Up => &this.moved.up,
+                        Way::Down => &this.moved.down,
+                    };
+                    count.fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
                 this.silence.as_mut().reset(Instant::now() + *this.idle);
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
                 let e: BoxError = e.into();
-                if let Some((note, from)) = this.note {
-                    let _ = note.set(format!("cut: {from}'s body failed: {e}"));
-                }
+                let whose = this.way.whose();
+                let _ = this
+                    .moved
+                    .cut
+                    .set(format!("cut: {whose}'s body failed: {e}"));
                 Poll::Ready(Some(Err(BodyError(e))))
             }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => match this.silence.poll(cx) {
                 Poll::Ready(()) => {
                     let secs = this.idle.as_secs_f64();
-                    if let Some((note, from)) = this.note {
-                        let _ = note.set(format!("cut: {from} sent nothing for {secs}s"));
-                    }
+                    let whose = this.way.whose();
+                    let _ = this
+                        .moved
+                        .cut
+                        .set(format!("cut: {whose} sent nothing for {secs}s"));
                     let e = format!("no body data for {secs}s");
                     Poll::Ready(Some(Err(BodyError(e.into()))))
                 }
@@ -191,11 +217,12 @@ mod tests {
         let stream = futures_util::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         });
-        let bytes = Arc::new(AtomicU64::new(0));
+        let moved = Arc::new(Moved::default());
         let mut body = Box::pin(Tracked::new(
             StreamBody::new(stream),
             Duration::from_secs(5),
-            bytes.clone(),
+            moved.clone(),
+            Way::Down,
             (),
         ));
         tx.send(Ok(Frame::data(Bytes::from_static(b"hello"))))
@@ -203,10 +230,14 @@ mod tests {
             .unwrap();
         let f = body.as_mut().frame().await.unwrap().unwrap();
         assert_eq!(f.into_data().unwrap(), "hello");
-        assert_eq!(bytes.load(Ordering::Relaxed), 5);
+        assert_eq!(moved.down.load(Ordering::Relaxed), 5);
         // Silence longer than the idle timeout fails the body instead of hanging.
         let e = body.as_mut().frame().await.unwrap().unwrap_err();
         assert!(e.to_string().contains("no body data"), "{e}");
+        assert_eq!(
+            moved.cut.get().map(String::as_str),
+            Some("cut: the upstream sent nothing for 5s")
+        );
         drop(tx);
     }
 

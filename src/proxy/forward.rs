@@ -9,7 +9,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -21,7 +21,7 @@ use hyper_util::rt::TokioIo;
 use pin_project_lite::pin_project;
 
 use super::ClientConn;
-use super::body::{CutNote, RecordSized, Tracked};
+use super::body::{Moved, RecordSized, Tracked, Way};
 use super::framing::HeadLog;
 use super::stall::Cuttable;
 use crate::audit::RequestEvent;
@@ -199,9 +199,8 @@ async fn process(
         route_header: grant.injection.map(|i| i.header),
         hop_by_hop,
     };
-    let upstream_body = Tracked::new(body, body_idle, record.bytes_up.clone(), ())
-        .noting(record.cut.clone(), "the agent")
-        .boxed_unsync();
+    let upstream_body =
+        Tracked::new(body, body_idle, record.moved.clone(), Way::Up, ()).boxed_unsync();
     let upstream_req = Request::from_parts(parts, upstream_body);
 
     let sent = match agent_upgrade {
@@ -247,19 +246,16 @@ async fn process(
     }
     let (mut parts, body) = response.into_parts();
     rewrite_response_headers(&mut parts.headers, false);
-    let bytes_down = record.bytes_down.clone();
-    let cut = record.cut.clone();
+    let moved = record.moved.clone();
     let keep = (record, in_flight);
     let body = if h1 {
-        Tracked::new(body, body_idle, bytes_down, keep)
-            .noting(cut, "the upstream")
-            .boxed_unsync()
+        Tracked::new(body, body_idle, moved, Way::Down, keep).boxed_unsync()
     } else {
         // One stream's window can be full while the connection moves: its own watcher
         // cuts it (`stall`); an HTTP/1.1 agent's full socket is `WriteStall`'s.
-        let body = Tracked::new(RecordSized::new(body), body_idle, bytes_down, keep)
-            .noting(cut.clone(), "the upstream");
-        Cuttable::new(body, body_idle, cut).boxed_unsync()
+        let body = RecordSized::new(body);
+        let body = Tracked::new(body, body_idle, moved.clone(), Way::Down, keep);
+        Cuttable::new(body, body_idle, moved).boxed_unsync()
     };
     Response::from_parts(parts, body)
 }
@@ -281,8 +277,8 @@ async fn relay_websocket(
     let mut upstream = TokioIo::new(upstream);
     // An upgraded WebSocket has no silence timeout (SPEC §2): it ends when a side closes.
     if let Ok((up, down)) = tokio::io::copy_bidirectional(&mut agent, &mut upstream).await {
-        record.bytes_up.fetch_add(up, Ordering::Relaxed);
-        record.bytes_down.fetch_add(down, Ordering::Relaxed);
+        record.moved.up.fetch_add(up, Ordering::Relaxed);
+        record.moved.down.fetch_add(down, Ordering::Relaxed);
     }
     drop(held);
 }
@@ -452,13 +448,11 @@ struct RequestRecord {
     decision: &'static str,
     reason: Option<&'static str>,
     detail: Option<String>,
-    /// Why the request's body was cut short after its status line went out, if it was:
-    /// noted by the body, or by the connection's write-stall watch.
-    cut: CutNote,
     write_stall: super::stall::StallSwitch,
     status: u16,
-    bytes_up: Arc<AtomicU64>,
-    bytes_down: Arc<AtomicU64>,
+    /// Bytes moved each way, and why a body was cut short after its status line went
+    /// out, if it was (the connection's write-stall watch notes its own cut).
+    moved: Arc<Moved>,
     started: Instant,
 }
 
@@ -482,11 +476,10 @@ impl RequestRecord {
             decision: "allow",
             reason: None,
             detail: None,
-            cut: CutNote::default(),
+
             write_stall: conn.write_stall.clone(),
             status: 0,
-            bytes_up: Arc::new(AtomicU64::new(0)),
-            bytes_down: Arc::new(AtomicU64::new(0)),
+            moved: Arc::default(),
             started,
         }
     }
@@ -520,8 +513,8 @@ impl RequestRecord {
 impl Drop for RequestRecord {
     fn drop(&mut self) {
         let (up, down) = (
-            self.bytes_up.load(Ordering::Relaxed),
-            self.bytes_down.load(Ordering::Relaxed),
+            self.moved.up.load(Ordering::Relaxed),
+            self.moved.down.load(Ordering::Relaxed),
         );
         self.metrics
             .count_request(self.decision, self.reason.unwrap_or("ok"));
@@ -539,7 +532,7 @@ impl Drop for RequestRecord {
             detail: self
                 .detail
                 .as_deref()
-                .or(self.cut.get().map(String::as_str))
+                .or(self.moved.cut.get().map(String::as_str))
                 .or(self.write_stall.cut()),
             status: self.status,
             bytes_up: up,

@@ -29,7 +29,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use super::body::CutNote;
+use super::body::Moved;
 use crate::error::BodyError;
 use crate::upstream::LastMoved;
 
@@ -177,7 +177,7 @@ struct Shared<B> {
     /// hyper's last poll found no frame ready: it is waiting on the upstream, whose
     /// silence the body's own timer cuts; the agent is not the one holding it up.
     waiting_on_upstream: AtomicBool,
-    note: CutNote,
+    note: Arc<Moved>,
 }
 
 impl<B> Shared<B> {
@@ -197,7 +197,7 @@ pub(crate) struct Cuttable<B> {
 
 impl<B: Send + 'static> Cuttable<B> {
     /// Watches `body`; a cut is noted in `note` for the request's log record.
-    pub(crate) fn new(body: B, timeout: Duration, note: CutNote) -> Self {
+    pub(crate) fn new(body: B, timeout: Duration, note: Arc<Moved>) -> Self {
         let shared = Arc::new(Shared {
             body: Mutex::new(Some(Box::pin(body))),
             moved: LastMoved::now(),
@@ -241,6 +241,7 @@ async fn watch<B>(
             let secs = timeout.as_secs_f64();
             let _ = shared
                 .note
+                .cut
                 .set(format!("cut: the agent read nothing for {secs}s"));
         }
         // Dropped outside the lock: the body's drop logs the request and releases its
@@ -312,7 +313,7 @@ mod tests {
             let _ = &flag;
             f
         });
-        let note = CutNote::default();
+        let note = Arc::<Moved>::default();
         let mut body = Box::pin(Cuttable::new(body, Duration::from_secs(5), note.clone()));
         // Read for a while, a frame every 4 s: never cut.
         for _ in 0..2 {
@@ -326,7 +327,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(dropped.load(Ordering::SeqCst));
         assert_eq!(
-            note.get().map(String::as_str),
+            note.cut.get().map(String::as_str),
             Some("cut: the agent read nothing for 5s")
         );
         // What hyper reads next is an error, so the stream is reset.
@@ -345,7 +346,7 @@ mod tests {
             let _ = &flag;
             f
         });
-        let note = CutNote::default();
+        let note = Arc::<Moved>::default();
         let mut body = Box::pin(Cuttable::new(silent, Duration::from_secs(5), note.clone()));
         // hyper asks, and nothing is there: the upstream is the silent one.
         let asked = tokio::time::timeout(Duration::from_millis(10), body.as_mut().frame()).await;
@@ -355,7 +356,7 @@ mod tests {
             !dropped.load(Ordering::SeqCst),
             "the agent was blamed for the upstream's silence"
         );
-        assert!(note.get().is_none());
+        assert!(note.cut.get().is_none());
     }
 
     #[tokio::test(start_paused = true)]

@@ -64,7 +64,7 @@ pub(super) struct H2Conn {
     send: h2::client::SendRequest<Bytes>,
     shared: Arc<H2Shared>,
     /// The stream budget of every upstream HTTP/2 connection ([`STREAMS_AT_ONCE`]).
-    streams: Arc<tokio::sync::Semaphore>,
+    streams: Arc<StreamBudget>,
     /// The task that drives the connection, aborted to close it at once.
     task: tokio::task::AbortHandle,
 }
@@ -90,7 +90,7 @@ impl H2Conn {
         io: BoxedIo,
         max_header_bytes: usize,
         slot: tokio::sync::OwnedSemaphorePermit,
-        streams: Arc<tokio::sync::Semaphore>,
+        streams: Arc<StreamBudget>,
     ) -> Result<H2Conn, h2::Error> {
         let mut b = h2::client::Builder::new();
         b.initial_window_size(STREAM_WINDOW)
@@ -194,10 +194,7 @@ impl H2Conn {
         };
         let work = async {
             // A place in the stream budget first; the wait for it is within the timeout.
-            let budget = match self.streams.clone().acquire_owned().await {
-                Ok(permit) => permit,
-                Err(e) => return Err((unavailable_budget(e), Refused::Whole(Box::new(req)))),
-            };
+            let budget = self.streams.take().await;
             let mut send = match self.send.clone().ready().await {
                 Ok(send) => send,
                 Err(e) => return Err((unavailable(e), Refused::Whole(Box::new(req)))),
@@ -257,12 +254,52 @@ impl H2Conn {
     }
 }
 
-/// The stream budget's semaphore is never closed; should it be, the request cannot go.
-fn unavailable_budget(e: tokio::sync::AcquireError) -> ProxyError {
-    ProxyError::new(
-        ErrorKind::UpstreamUnavailable,
-        format!("stream budget: {e}"),
-    )
+/// Places for streams open at once ([`STREAMS_AT_ONCE`]), cheaper than a semaphore on the
+/// path every request takes: taking and giving back a place are an atomic operation each
+/// (a semaphore's release takes a lock); only a request that finds none free waits, and
+/// is woken as places come back.
+pub(super) struct StreamBudget {
+    left: AtomicUsize,
+    freed: tokio::sync::Notify,
+}
+
+impl StreamBudget {
+    pub(super) fn new(places: usize) -> Arc<StreamBudget> {
+        Arc::new(StreamBudget {
+            left: AtomicUsize::new(places),
+            freed: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn try_take(&self) -> bool {
+        self.left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                left.checked_sub(1)
+            })
+            .is_ok()
+    }
+
+    /// A place, once one is free.
+    async fn take(self: &Arc<Self>) -> StreamPlace {
+        loop {
+            // Registered before the check, so a place freed in between is not missed.
+            let freed = self.freed.notified();
+            if self.try_take() {
+                return StreamPlace(self.clone());
+            }
+            freed.await;
+        }
+    }
+}
+
+/// A place in the [`StreamBudget`], given back when dropped.
+pub(super) struct StreamPlace(Arc<StreamBudget>);
+
+impl Drop for StreamPlace {
+    fn drop(&mut self) {
+        self.0.left.fetch_add(1, Ordering::AcqRel);
+        self.0.freed.notify_one();
+    }
 }
 
 /// Whether the connection refused a request before it went out, and what is left of it.
@@ -317,7 +354,7 @@ pub(crate) struct OpenStream {
     /// Keeps the request body's copier going; dropped, it stops it.
     upload_alive: Option<tokio::sync::oneshot::Sender<()>>,
     /// Its place in the stream budget, until the response is read or dropped.
-    budget: Option<tokio::sync::OwnedSemaphorePermit>,
+    budget: Option<StreamPlace>,
 }
 
 impl Drop for OpenStream {
@@ -479,14 +516,18 @@ pub(super) mod tests {
         max_streams: u32,
         goaway_after: Option<usize>,
     ) -> H2Conn {
-        let budget = Arc::new(tokio::sync::Semaphore::new(STREAMS_AT_ONCE));
-        upstream_with_budget(max_streams, goaway_after, budget).await
+        upstream_with_budget(
+            max_streams,
+            goaway_after,
+            StreamBudget::new(STREAMS_AT_ONCE),
+        )
+        .await
     }
 
     async fn upstream_with_budget(
         max_streams: u32,
         goaway_after: Option<usize>,
-        streams: Arc<tokio::sync::Semaphore>,
+        streams: Arc<StreamBudget>,
     ) -> H2Conn {
         let (client, server) = tokio::io::duplex(1 << 20);
         tokio::spawn(async move {
@@ -630,7 +671,7 @@ pub(super) mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_stream_budget_is_shared_and_a_wait_for_it_is_within_the_response_timeout() {
-        let budget = Arc::new(tokio::sync::Semaphore::new(1));
+        let budget = StreamBudget::new(1);
         let a = upstream_with_budget(100, None, budget.clone()).await;
         let b = upstream_with_budget(100, None, budget.clone()).await;
         // A response being read holds the one place, on connection a.
@@ -638,7 +679,7 @@ pub(super) mod tests {
             .send(&target(), get("/big"), None, Duration::from_secs(5))
             .await;
         assert!(held.is_ok());
-        assert_eq!(budget.available_permits(), 0);
+        assert_eq!(budget.left.load(Ordering::Relaxed), 0);
         let started = tokio::time::Instant::now();
         match b
             .send(&target(), get("/a"), None, Duration::from_secs(3))

@@ -104,7 +104,7 @@ pub(crate) struct Upstream {
     /// WebSocket relay that took it over).
     slots: Arc<Semaphore>,
     /// One permit per open upstream HTTP/2 stream (see `h2`'s module doc).
-    streams: Arc<Semaphore>,
+    streams: Arc<h2::StreamBudget>,
 }
 
 /// A WebSocket's upstream connection's place in the connection budget, carried in the
@@ -142,7 +142,7 @@ impl Upstream {
             tls: TlsConnector::from(config(&[b"h2", b"http/1.1"])?),
             tls_h1: TlsConnector::from(config(&[b"http/1.1"])?),
             slots: Arc::new(Semaphore::new(settings.max_connections.max(1))),
-            streams: Arc::new(Semaphore::new(h2::STREAMS_AT_ONCE)),
+            streams: h2::StreamBudget::new(h2::STREAMS_AT_ONCE),
             settings,
             pool: Arc::new(Pool::default()),
         })
