@@ -101,7 +101,12 @@ impl Pool {
 
     pub(super) fn checkout(self: &Arc<Self>, target: &Target) -> Checkout {
         let mut slots = self.lock();
-        let slot = slots.entry(target.clone()).or_default();
+        // Looked up before an entry is made: `entry` wants an owned key, and cloning the
+        // target (its host name) on every request costs an allocation.
+        let slot = match slots.get_mut(target) {
+            Some(slot) => slot,
+            None => slots.entry(target.clone()).or_default(),
+        };
         slot.h2.retain(|c| !c.is_closed());
         if let Some(c) = slot.h2.iter().find(|c| c.can_take()) {
             // Counted now, under the lock: no more streams are handed out than it takes.
