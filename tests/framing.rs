@@ -183,12 +183,7 @@ async fn pipelined_requests_of_one_method_are_each_checked_on_their_own_head() {
             .await;
         assert_eq!(statuses(&response), [400], "{bad:?}: {response}");
     }
-    let paths: Vec<String> = w
-        .up1
-        .seen()
-        .iter()
-        .map(|s| s.path_and_query.clone())
-        .collect();
+    let paths = w.up1.paths();
     assert_eq!(
         paths,
         ["/v1/first", "/v1/first"],
@@ -253,12 +248,7 @@ async fn a_head_like_line_inside_a_body_is_never_taken_for_the_head() {
             .await;
         assert_eq!(statuses(&response), [400], "{bad_head:?}: {response}");
     }
-    let paths: Vec<String> = w
-        .up1
-        .seen()
-        .iter()
-        .map(|s| s.path_and_query.clone())
-        .collect();
+    let paths = w.up1.paths();
     assert_eq!(
         paths,
         ["/v1/outer", "/v1/after", "/v1/chunked", "/v1/after"],

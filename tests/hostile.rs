@@ -916,7 +916,7 @@ async fn http2_streams_are_each_held_to_the_tunnel_authority() {
     assert_refusal(st, &h, &b, 400, "bad_request");
     let (st, _, _) = collect(c.send_request(send(ok, None)).await.unwrap()).await;
     assert_eq!(st, 200, "the connection still serves");
-    let paths: Vec<String> = up.seen().iter().map(|s| s.path_and_query.clone()).collect();
+    let paths = up.paths();
     assert_eq!(paths, ["/v1/first", "/v1/first"]);
     // Many concurrent streams are served, not serialised or refused.
     let mut tasks = Vec::new();

@@ -195,6 +195,11 @@ impl Upstream {
         self.seen.lock().unwrap().clone()
     }
 
+    /// The path and query of every request received, in order.
+    pub(crate) fn paths(&self) -> Vec<String> {
+        self.seen().into_iter().map(|s| s.path_and_query).collect()
+    }
+
     pub(crate) fn saw_path(&self, needle: &str) -> bool {
         self.seen()
             .iter()
