@@ -180,12 +180,6 @@ struct Shared<B> {
     note: Arc<Moved>,
 }
 
-impl<B> Shared<B> {
-    fn moved_at(&self) -> Instant {
-        self.moved.at()
-    }
-}
-
 /// An HTTP/2 response body that a watcher task drops once hyper has taken no frame of it
 /// for the timeout (see the module doc). The watcher ends with the body.
 pub(crate) struct Cuttable<B> {
@@ -219,36 +213,26 @@ async fn watch<B>(
     mut gone: tokio::sync::oneshot::Receiver<()>,
     timeout: Duration,
 ) {
-    let mut deadline = shared.moved_at() + timeout;
-    loop {
-        tokio::select! {
-            _ = &mut gone => return,
-            _ = tokio::time::sleep_until(deadline) => {}
-        }
-        let now = Instant::now();
-        let moved = shared.moved_at() + timeout;
-        if moved > now {
-            deadline = moved;
-            continue;
-        }
-        if shared.waiting_on_upstream.load(Ordering::Relaxed) {
-            // The body's own silence timer is running, and fails it.
-            deadline = now + timeout;
-            continue;
-        }
-        let body = shared.body.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if body.is_some() {
-            let secs = timeout.as_secs_f64();
-            let _ = shared
-                .note
-                .cut
-                .set(format!("cut: the agent read nothing for {secs}s"));
-        }
-        // Dropped outside the lock: the body's drop logs the request and releases its
-        // upstream stream or connection.
-        drop(body);
-        return;
+    // While hyper waits on the upstream, the body's own silence timer is the one running.
+    let waiting_on_upstream = || shared.waiting_on_upstream.load(Ordering::Relaxed);
+    let stilled = shared
+        .moved
+        .stilled(Instant::now(), timeout, waiting_on_upstream);
+    tokio::select! {
+        _ = &mut gone => return,
+        () = stilled => {}
     }
+    let body = shared.body.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if body.is_some() {
+        let secs = timeout.as_secs_f64();
+        let _ = shared
+            .note
+            .cut
+            .set(format!("cut: the agent read nothing for {secs}s"));
+    }
+    // Dropped outside the lock: the body's drop logs the request and releases its
+    // upstream stream or connection.
+    drop(body);
 }
 
 impl<B> Body for Cuttable<B>

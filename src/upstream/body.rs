@@ -106,6 +106,31 @@ impl LastMoved {
     pub(crate) fn at(&self) -> Instant {
         self.epoch + Duration::from_millis(self.ms.load(Ordering::Relaxed))
     }
+
+    /// Returns once `timeout` has passed with nothing moved since `since` (or since the
+    /// last move, if later). A silence while `excused()` holds is another timer's to cut
+    /// (the other side's), so it buys another `timeout`. No timer is reset per move: the
+    /// wait sleeps to its deadline and looks at when the body last moved.
+    pub(crate) async fn stilled(
+        &self,
+        since: Instant,
+        timeout: Duration,
+        excused: impl Fn() -> bool,
+    ) {
+        let mut deadline = since.max(self.at()) + timeout;
+        loop {
+            tokio::time::sleep_until(deadline).await;
+            let now = Instant::now();
+            let moved = since.max(self.at()) + timeout;
+            if moved > now {
+                deadline = moved;
+            } else if excused() {
+                deadline = now + timeout;
+            } else {
+                return;
+            }
+        }
+    }
 }
 
 /// What a request's upload has done so far, shared between the body the upstream client
@@ -196,26 +221,20 @@ pub(super) async fn await_head<F: Future>(
     upload: Option<&UploadState>,
     timeout: Duration,
 ) -> Result<F::Output, ()> {
-    let mut response = std::pin::pin!(response);
-    let mut deadline = Instant::now() + timeout;
-    loop {
-        tokio::select! {
-            biased;
-            r = response.as_mut() => return Ok(r),
-            _ = tokio::time::sleep_until(deadline) => {}
+    let since = Instant::now();
+    let stilled = async {
+        match upload {
+            Some(upload) => {
+                let awaiting_agent = || upload.awaiting_agent.load(Ordering::Relaxed);
+                upload.moved.stilled(since, timeout, awaiting_agent).await
+            }
+            None => tokio::time::sleep_until(since + timeout).await,
         }
-        let Some(upload) = upload else {
-            return Err(());
-        };
-        let now = Instant::now();
-        let moved = upload.moved.at() + timeout;
-        if moved > now {
-            deadline = moved;
-        } else if upload.awaiting_agent.load(Ordering::Relaxed) {
-            deadline = now + timeout;
-        } else {
-            return Err(());
-        }
+    };
+    tokio::select! {
+        biased;
+        r = response => Ok(r),
+        () = stilled => Err(()),
     }
 }
 
