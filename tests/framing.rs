@@ -268,3 +268,33 @@ async fn plain_http_requests_are_checked_on_their_own_heads_too() {
     let response = w.proxy.raw(raw.as_bytes()).await;
     assert_eq!(statuses(&response), [403, 400], "{response}");
 }
+
+/// A field the head's `Connection` header names is hop-by-hop for the whole message: it
+/// does not go up as a trailer either.
+#[tokio::test]
+async fn a_trailer_the_head_s_connection_header_names_does_not_go_up() {
+    let w = world().await;
+    for (name, port) in [("h1.test", w.up1.port()), ("h2.test", w.up2.port())] {
+        let raw = format!(
+            "POST /echo-trailers HTTP/1.1\r\nHost: {name}:{port}\r\nTransfer-Encoding: chunked\r\n\
+             Connection: x-named\r\nTrailer: x-named, x-checksum\r\n\r\n\
+             4\r\ndata\r\n0\r\nx-named: hop\r\nx-checksum: kept\r\n\r\n"
+        );
+        let response = w
+            .proxy
+            .raw_in_tunnel(name, port, raw.as_bytes(), Duration::from_millis(1500))
+            .await;
+        assert_eq!(parse_status(&response), 200, "{name}: {response}");
+        let echo = raw_json(&response);
+        let trailers = echo["trailers"].as_object().expect("trailers object");
+        assert_eq!(
+            trailers.get("x-checksum"),
+            Some(&"kept".into()),
+            "{name}: {echo}"
+        );
+        assert!(
+            !trailers.contains_key("x-named"),
+            "{name}: x-named went up: {echo}"
+        );
+    }
+}

@@ -1,7 +1,7 @@
 //! One request, from the agent to the upstream and back: ask the policy, rewrite the
 //! headers (agent credentials and hop-by-hop headers out, the route's token in; the same
-//! fields out of the request's trailers), send it
-//! through the pooled upstream client, and stream the answer back. WebSocket upgrades
+//! fields out of the request's trailers), send it through the pooled upstream client, and
+//! stream the answer back. WebSocket upgrades
 //! are relayed byte for byte once both sides have switched protocols.
 //!
 //! Each request is logged once, when its response body has been fully sent (or the
@@ -180,8 +180,7 @@ async fn process(
         bodiless && matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
     let body_idle = state.limits.body_idle_timeout;
     // Named in the head's `Connection`: hop-by-hop in the trailers too.
-    let hop_by_hop = connection_named(&parts.headers);
-    rewrite_request_headers(
+    let hop_by_hop = rewrite_request_headers(
         &mut parts.headers,
         grant.injection.as_ref(),
         grant.websocket,
@@ -314,20 +313,23 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
-/// Removes hop-by-hop headers and those the `Connection` header names.
-fn remove_hop_by_hop(headers: &mut HeaderMap) {
+/// Removes hop-by-hop headers and those the `Connection` header names; returns the
+/// latter (hop-by-hop in the message's trailers too).
+fn remove_hop_by_hop(headers: &mut HeaderMap) -> Vec<HeaderName> {
     // One pass over the names first: most messages carry none of these, and each
     // `remove` hashes its name and probes the map (most of this function's cost on a
     // small request before this check).
     if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
-        return;
+        return Vec::new();
     }
-    for name in connection_named(headers) {
+    let named = connection_named(headers);
+    for name in &named {
         headers.remove(name);
     }
     for name in HOP_BY_HOP {
         headers.remove(name);
     }
+    named
 }
 
 /// The fields a message's `Connection` header names: hop-by-hop for that message, its
@@ -344,27 +346,33 @@ fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
 
 /// Removes from an agent's header or trailer fields what never goes upstream from the
 /// agent: hop-by-hop fields, every credential it sent (`Authorization`,
-/// `Proxy-Authorization`, the route's header) and `Host`.
-fn strip_agent_fields(fields: &mut HeaderMap, route_header: Option<&HeaderName>) {
-    remove_hop_by_hop(fields);
+/// `Proxy-Authorization`, the route's header) and `Host`. Returns the fields its
+/// `Connection` header named.
+fn strip_agent_fields(
+    fields: &mut HeaderMap,
+    route_header: Option<&HeaderName>,
+) -> Vec<HeaderName> {
+    let named = remove_hop_by_hop(fields);
     fields.remove(header::AUTHORIZATION);
     fields.remove(header::HOST);
     if let Some(name) = route_header {
         fields.remove(name);
     }
+    named
 }
 
 /// The agent's request headers as they go upstream: stripped of the agent's fields
-/// ([`strip_agent_fields`]), the route's token added.
+/// ([`strip_agent_fields`]), the route's token added. Returns the fields the agent's
+/// `Connection` header named.
 fn rewrite_request_headers(
     headers: &mut HeaderMap,
     injection: Option<&Injection>,
     websocket: bool,
-) {
+) -> Vec<HeaderName> {
     let te_trailers = headers
         .get(header::TE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    strip_agent_fields(headers, injection.map(|i| &i.header));
+    let connection_named = strip_agent_fields(headers, injection.map(|i| &i.header));
     if te_trailers {
         // `TE: trailers` is the one TE value HTTP/2 allows; gRPC needs it.
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -376,6 +384,7 @@ fn rewrite_request_headers(
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     }
+    connection_named
 }
 
 pin_project! {
