@@ -356,6 +356,7 @@ impl Upstream {
                 // has been read to its end. Before that, it can still look ready (the
                 // connection has not taken the request off its queue yet), and a request
                 // checked out then would queue behind this one.
+                //
                 // A connection whose request failed is closed at once: it may still be
                 // busy with it (an upload nobody reads), and is never reused.
                 let response = conn.send.try_send_request(req);

@@ -159,7 +159,6 @@ impl Pool {
     pub(super) fn put_h1(&self, target: &Target, conn: H1Conn) {
         let mut slots = self.lock();
         let slot = slots.entry(target.clone()).or_default();
-        slot.h1_only = true;
         if slot.h1.len() < MAX_H1_PER_TARGET {
             slot.h1.push((conn, Instant::now()));
         }
