@@ -7,7 +7,7 @@
 //! caller) and the host only.
 
 use bytes::Bytes;
-use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
+use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 
@@ -32,6 +32,24 @@ impl std::error::Error for BodyError {
     }
 }
 
+/// An agent's request body that passed its route's `max_body_bytes` (the number): the
+/// body stops with this error before the byte that would pass it is sent on, and the
+/// request fails as `413 body_too_large` (`upstream::body::Upload` tells it apart).
+#[derive(Debug)]
+pub(crate) struct BodyTooLarge(pub(crate) u64);
+
+impl std::fmt::Display for BodyTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the request body is over the route's max_body_bytes ({})",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for BodyTooLarge {}
+
 /// The body of every request and response the proxy streams.
 pub(crate) type ProxyBody = UnsyncBoxBody<Bytes, BodyError>;
 
@@ -47,6 +65,13 @@ pub enum ErrorKind {
     BadRequest,
     HeadersTooLarge,
     TooManyConnections,
+    /// The route's `rate_limit` is spent; `retry_after` is the `Retry-After` header's
+    /// whole seconds.
+    RateLimited {
+        retry_after: u64,
+    },
+    /// The request body is over the route's `max_body_bytes`.
+    BodyTooLarge,
     /// DNS failure.
     UpstreamDns,
     /// Connection refused.
@@ -79,6 +104,8 @@ impl ErrorKind {
             BadRequest => "bad_request",
             HeadersTooLarge => "headers_too_large",
             TooManyConnections => "too_many_connections",
+            RateLimited { .. } => "rate_limited",
+            BodyTooLarge => "body_too_large",
             UpstreamDns | UpstreamRefused | UpstreamUnavailable => "upstream_unreachable",
             UpstreamTlsCertificate | UpstreamTlsProtocol => "upstream_tls",
             UpstreamProxyRefused { .. } => "upstream_proxy_refused",
@@ -99,6 +126,8 @@ impl ErrorKind {
             BadRequest => StatusCode::BAD_REQUEST,
             HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
+            RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             UpstreamConnectTimeout | UpstreamResponseTimeout => StatusCode::GATEWAY_TIMEOUT,
             UpstreamDns
             | UpstreamRefused
@@ -115,9 +144,12 @@ impl ErrorKind {
     pub fn proxy_status_error(self) -> &'static str {
         use ErrorKind::*;
         match self {
-            HostNotAllowed | PathNotAllowed | MethodNotAllowed | CleartextCredentials => {
-                "http_request_denied"
-            }
+            HostNotAllowed
+            | PathNotAllowed
+            | MethodNotAllowed
+            | CleartextCredentials
+            | RateLimited { .. }
+            | BodyTooLarge => "http_request_denied",
             DestinationNotAllowed => "destination_ip_prohibited",
             Misdirected | BadRequest | HeadersTooLarge => "http_request_error",
             TooManyConnections => "connection_limit_reached",
@@ -183,6 +215,9 @@ impl ProxyError {
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Ok(v) = HeaderValue::from_str(&proxy_status) {
             headers.insert("proxy-status", v);
+        }
+        if let ErrorKind::RateLimited { retry_after } = kind {
+            headers.insert(RETRY_AFTER, HeaderValue::from(retry_after));
         }
         if close {
             headers.insert(CONNECTION, HeaderValue::from_static("close"));
@@ -264,6 +299,30 @@ mod tests {
         assert_eq!(r.headers()["connection"], "close");
     }
 
+    #[tokio::test]
+    async fn limits_answer_429_with_retry_after_and_413() {
+        let e = ProxyError::new(ErrorKind::RateLimited { retry_after: 7 }, "spent");
+        let r = e.response("h", false);
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()["retry-after"], "7");
+        assert_eq!(
+            r.headers()["proxy-status"],
+            "egress-proxy; error=http_request_denied; details=\"rate_limited\""
+        );
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"], "rate_limited");
+
+        let r = ProxyError::new(ErrorKind::BodyTooLarge, "big").response("h", true);
+        assert_eq!(r.status(), 413);
+        assert!(!r.headers().contains_key("retry-after"));
+        assert_eq!(r.headers()["connection"], "close");
+        assert_eq!(
+            r.headers()["proxy-status"],
+            "egress-proxy; error=http_request_denied; details=\"body_too_large\""
+        );
+    }
+
     #[test]
     fn every_kind_has_a_consistent_status() {
         use ErrorKind::*;
@@ -275,6 +334,8 @@ mod tests {
             (BadRequest, 400),
             (HeadersTooLarge, 431),
             (TooManyConnections, 503),
+            (RateLimited { retry_after: 1 }, 429),
+            (BodyTooLarge, 413),
             (UpstreamDns, 502),
             (UpstreamTlsCertificate, 502),
             (UpstreamConnectTimeout, 504),

@@ -52,6 +52,9 @@ const REQUEST_SERIES: &[(&str, Reason)] = &[
     ("deny", Reason::Code(HeadersTooLarge)),
     // The upstream connection budget spent (SPEC §4a).
     ("deny", Reason::Code(TooManyConnections)),
+    // The matched route's own limits (SPEC §4.2, last step).
+    ("deny", Reason::Code(RateLimited { retry_after: 0 })),
+    ("deny", Reason::Code(BodyTooLarge)),
     // Failures on the way out, each also counted as an upstream error of its RFC 9209 kind:
     // a DNS answer refused, a request the upstream side cannot carry, and the upstream's own.
     ("error", Reason::Code(DestinationNotAllowed)),

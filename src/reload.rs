@@ -247,7 +247,10 @@ pub(crate) async fn reload(state: &ProxyState, path: &Path, trigger: Trigger) ->
         .await
         .unwrap_or_else(|e| Err(format!("reload task failed: {e}")));
     match loaded {
-        Ok(table) => {
+        Ok(mut table) => {
+            // A route that matches the same requests under the same rate limit keeps its
+            // spent bucket: a reload is no way to refill it.
+            table.keep_buckets_from(&state.routes.load());
             let n = table.routes().len();
             state.routes.store(Arc::new(table));
             state.metrics.count_reload(true);

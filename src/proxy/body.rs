@@ -15,7 +15,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
-use crate::error::{BodyError, BoxError};
+use crate::error::{BodyError, BodyTooLarge, BoxError};
 
 /// What one request's bodies moved each way, for its log record and the metrics, and why
 /// one was cut short, if it was (the agent already has its status line by then; written
@@ -134,6 +134,68 @@ where
     }
 }
 
+pin_project! {
+    /// An agent's request body held to its route's `max_body_bytes`: the frame that would
+    /// take it past the cap is never handed on; the body fails with [`BodyTooLarge`]
+    /// instead, so the upstream gets at most the cap's bytes of it and then a reset
+    /// request. A body of exactly the cap passes.
+    pub struct Capped<B> {
+        #[pin]
+        inner: B,
+        max: u64,
+        // Bytes still allowed.
+        left: u64,
+    }
+}
+
+impl<B> Capped<B> {
+    pub(crate) fn new(inner: B, max: u64) -> Self {
+        Capped {
+            inner,
+            max,
+            left: max,
+        }
+    }
+}
+
+impl<B> Body for Capped<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        match std::task::ready!(this.inner.poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    let len = data.len() as u64;
+                    if len > *this.left {
+                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge(*this.max)))));
+                    }
+                    *this.left -= len;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// The most body bytes a DATA frame can carry and still fit, with its 9-byte head, in one
 /// TLS record (16,384 bytes of plaintext). A frame of the usual 16,384-byte limit needs a
 /// second record for its last 9 bytes, and the agent then decrypts two records per frame,
@@ -239,6 +301,34 @@ mod tests {
             Some("cut: the upstream sent nothing for 5s")
         );
         drop(tx);
+    }
+
+    #[tokio::test]
+    async fn capped_passes_the_cap_exactly_and_never_a_byte_more() {
+        let frames = |sizes: &[usize]| {
+            let frames: Vec<Result<Frame<Bytes>, BoxError>> = sizes
+                .iter()
+                .map(|n| Ok(Frame::data(Bytes::from(vec![b'x'; *n]))))
+                .chain([Ok(Frame::trailers(http::HeaderMap::new()))])
+                .collect();
+            StreamBody::new(futures_util::stream::iter(frames))
+        };
+        // Exactly the cap, over several frames, trailers included: all of it.
+        let whole = Capped::new(frames(&[4, 0, 6]), 10).collect().await.unwrap();
+        assert_eq!(whole.to_bytes().len(), 10);
+        // One byte over, in the last frame: what came before it, then the error.
+        let mut body = Box::pin(Capped::new(frames(&[4, 7]), 10));
+        let first = body.as_mut().frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap().len(), 4);
+        let e = body.as_mut().frame().await.unwrap().unwrap_err();
+        assert!(e.downcast_ref::<BodyTooLarge>().is_some(), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "the request body is over the route's max_body_bytes (10)"
+        );
+        // One frame over the cap on its own: nothing of it.
+        let mut body = Box::pin(Capped::new(frames(&[11]), 10));
+        assert!(body.as_mut().frame().await.unwrap().is_err());
     }
 
     #[tokio::test]

@@ -21,7 +21,7 @@ use hyper_util::rt::TokioIo;
 use pin_project_lite::pin_project;
 
 use super::ClientConn;
-use super::body::{Moved, RecordSized, Tracked, Way};
+use super::body::{Capped, Moved, RecordSized, Tracked, Way};
 use super::framing::HeadLog;
 use super::stall::Cuttable;
 use crate::audit::RequestEvent;
@@ -110,6 +110,8 @@ struct Grant {
     injection: Option<Injection>,
     allow_private: bool,
     websocket: bool,
+    /// The route's `max_body_bytes`, held to as the body streams.
+    body_cap: Option<u64>,
 }
 
 async fn process(
@@ -154,12 +156,23 @@ async fn process(
         headers: req.headers(),
     };
     let grant = match policy::decide(&routes, authority, channel, view) {
-        Ok(allowed) => Grant {
-            route_index: allowed.route.index,
-            injection: allowed.route.injection.clone(),
-            allow_private: allowed.route.allow_private,
-            websocket: allowed.websocket,
-        },
+        Ok(allowed) => {
+            // The matched route's own limits, a step of their own on every request a
+            // route matched. A refusal with a body still unread closes an HTTP/1.1
+            // connection: the rest of that body is not a next request.
+            let declared = req.body().size_hint().lower();
+            if let Err(e) = policy::admit(allowed.route, view, declared) {
+                record.route = Some(allowed.route.index);
+                return record.refused(&e, h1 && !req.body().is_end_stream());
+            }
+            Grant {
+                route_index: allowed.route.index,
+                injection: allowed.route.injection.clone(),
+                allow_private: allowed.route.allow_private,
+                websocket: allowed.websocket,
+                body_cap: allowed.route.max_body_bytes,
+            }
+        }
         Err(e) => {
             return record.refused(&e, h1 && e.kind == ErrorKind::BadRequest);
         }
@@ -198,8 +211,13 @@ async fn process(
         route_header: grant.injection.map(|i| i.header),
         hop_by_hop,
     };
-    let upstream_body =
-        Tracked::new(body, body_idle, record.moved.clone(), Way::Up, ()).boxed_unsync();
+    let moved = record.moved.clone();
+    let upstream_body = match grant.body_cap {
+        None => Tracked::new(body, body_idle, moved, Way::Up, ()).boxed_unsync(),
+        Some(max) => {
+            Tracked::new(Capped::new(body, max), body_idle, moved, Way::Up, ()).boxed_unsync()
+        }
+    };
     let upstream_req = Request::from_parts(parts, upstream_body);
 
     let sent = match agent_upgrade {
@@ -212,9 +230,11 @@ async fn process(
     };
     let mut response = match sent {
         Ok(r) => r,
-        // The agent's own body broke its framing: its error, and its connection cannot
-        // carry another request.
-        Err(e) if e.kind == ErrorKind::BadRequest => return record.refused(&e, h1),
+        // The agent's own body broke its framing or passed its route's cap: its error,
+        // and its connection cannot carry another request.
+        Err(e) if matches!(e.kind, ErrorKind::BadRequest | ErrorKind::BodyTooLarge) => {
+            return record.refused(&e, h1);
+        }
         // The upstream connection budget is spent: the proxy's own limit, like the cap
         // on agent connections, not an upstream failure.
         Err(e) if e.kind == ErrorKind::TooManyConnections => return record.refused(&e, false),

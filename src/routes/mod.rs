@@ -7,6 +7,7 @@
 //! table-tested. The proxy asks; it never decides.
 
 mod host;
+mod limits;
 mod path;
 
 use std::collections::BTreeSet;
@@ -18,6 +19,7 @@ use serde::Deserialize;
 
 pub(crate) use host::HostError;
 pub use host::{Host, HostPattern};
+pub(crate) use limits::{RateLimit, Scalar, retry_after_secs};
 pub use path::{PathPattern, check_request_path};
 
 /// The routes file as an orchestrator renders it (YAML, or JSON, which is YAML too).
@@ -40,6 +42,9 @@ pub struct RouteSpec {
     pub token_env: Option<String>,
     pub token_file: Option<String>,
     pub allow_private: Option<bool>,
+    pub rate_limit: Option<Scalar>,
+    pub burst: Option<Scalar>,
+    pub max_body_bytes: Option<Scalar>,
 }
 
 /// Where tokens come from. The proxy reads the environment and the filesystem; tests
@@ -284,6 +289,9 @@ pub struct Route {
     pub methods: Option<Vec<Method>>,
     pub injection: Option<Injection>,
     pub allow_private: bool,
+    /// `None`: no rate limit, and nothing to pay for one.
+    pub rate_limit: Option<RateLimit>,
+    pub max_body_bytes: Option<u64>,
 }
 
 impl Route {
@@ -299,6 +307,30 @@ impl Route {
         self.methods
             .as_ref()
             .is_none_or(|ms| ms.iter().any(|m| m == method))
+    }
+
+    /// Does `self` match exactly the requests `other` matches, under the same rate
+    /// limit? Then a reload keeps `other`'s bucket for it (SPEC §3, `rate_limit`).
+    fn same_bucket_as(&self, other: &Route) -> bool {
+        let same_set = |a: &[PathPattern], b: &[PathPattern]| {
+            a.iter().all(|p| b.contains(p)) && b.iter().all(|p| a.contains(p))
+        };
+        let same_methods = match (&self.methods, &other.methods) {
+            (None, None) => true,
+            (Some(a), Some(b)) => {
+                a.iter().all(|m| b.contains(m)) && b.iter().all(|m| a.contains(m))
+            }
+            _ => false,
+        };
+        let same_rate = match (&self.rate_limit, &other.rate_limit) {
+            (Some(a), Some(b)) => a.same_as(b),
+            _ => false,
+        };
+        same_rate
+            && self.host == other.host
+            && self.ports == other.ports
+            && same_methods
+            && same_set(&self.paths, &other.paths)
     }
 }
 
@@ -337,6 +369,21 @@ impl RouteTable {
 
     pub fn routes(&self) -> &[Route] {
         &self.routes
+    }
+
+    /// Gives each rate-limited route the bucket of the first route of `old` that matches
+    /// the same requests under the same limit, wherever it was in the file: a reload
+    /// does not refill it. Any other route keeps the full bucket it was built with.
+    pub fn keep_buckets_from(&mut self, old: &RouteTable) {
+        for route in &mut self.routes {
+            let kept = old.routes.iter().find(|o| route.same_bucket_as(o));
+            if let (Some(new), Some(old)) = (
+                route.rate_limit.as_mut(),
+                kept.and_then(|o| o.rate_limit.as_ref()),
+            ) {
+                new.bucket = old.bucket.clone();
+            }
+        }
     }
 
     /// Does any route cover this host and port? Decides a CONNECT.
@@ -409,6 +456,21 @@ fn build_route(
                 .collect::<Result<Vec<_>, _>>()?,
         ),
     };
+    let rate_limit = match (&spec.rate_limit, &spec.burst) {
+        (None, None) => None,
+        (None, Some(_)) => return Err(invalid(index, "burst", "burst needs rate_limit")),
+        (Some(rate), burst) => {
+            Some(RateLimit::parse(rate, burst.as_ref()).map_err(|e| match e {
+                limits::RateError::Rate(why) => invalid(index, "rate_limit", why),
+                limits::RateError::Burst(why) => invalid(index, "burst", why),
+            })?)
+        }
+    };
+    let max_body_bytes = spec
+        .max_body_bytes
+        .as_ref()
+        .map(|n| limits::positive::<u64>(n).map_err(|why| invalid(index, "max_body_bytes", why)))
+        .transpose()?;
     let injection = build_injection(
         index,
         &spec.auth_scheme,
@@ -429,6 +491,8 @@ fn build_route(
         methods,
         injection,
         allow_private: spec.allow_private.unwrap_or(false),
+        rate_limit,
+        max_body_bytes,
     })
 }
 
@@ -839,6 +903,95 @@ routes:
         ] {
             let e = err(text);
             assert!(e.contains(expect), "{text:?} gave {e:?}, wanted {expect:?}");
+        }
+    }
+
+    #[test]
+    fn limits_parse_and_invalid_ones_name_their_key() {
+        let t = table(
+            "routes:\n  - host: a.example\n    rate_limit: 60/m\n  - host: b.example\n    rate_limit: \"5/s\"\n    burst: 2\n    max_body_bytes: 1048576\n  - host: c.example\n",
+        );
+        let [a, b, c] = t.routes() else {
+            panic!("three routes")
+        };
+        let rate = a.rate_limit.as_ref().unwrap();
+        assert_eq!((rate.to_string(), rate.burst), ("60/m".to_owned(), 60));
+        assert_eq!(a.max_body_bytes, None);
+        let rate = b.rate_limit.as_ref().unwrap();
+        assert_eq!((rate.to_string(), rate.burst), ("5/s".to_owned(), 2));
+        assert_eq!(b.max_body_bytes, Some(1_048_576));
+        assert!(c.rate_limit.is_none() && c.max_body_bytes.is_none());
+        let json = table(
+            r#"{"routes": [{"host": "a.example", "rate_limit": "1/h", "burst": 3, "max_body_bytes": 10}]}"#,
+        );
+        assert_eq!(json.routes()[0].max_body_bytes, Some(10));
+
+        let route =
+            |keys: &str| format!("routes:\n  - host: a.example\n  - host: b.example\n{keys}");
+        for (keys, field) in [
+            ("    rate_limit: 0/m\n", "rate_limit"),
+            ("    rate_limit: 10/d\n", "rate_limit"),
+            ("    rate_limit: 1.5/s\n", "rate_limit"),
+            ("    rate_limit: -1/s\n", "rate_limit"),
+            ("    rate_limit: 10\n", "rate_limit"),
+            ("    rate_limit: \"\"\n", "rate_limit"),
+            ("    burst: 5\n", "burst"),
+            ("    rate_limit: 5/s\n    burst: 0\n", "burst"),
+            ("    rate_limit: 5/s\n    burst: -2\n", "burst"),
+            ("    rate_limit: 5/s\n    burst: 2.5\n", "burst"),
+            ("    rate_limit: 5/s\n    burst: many\n", "burst"),
+            ("    max_body_bytes: 0\n", "max_body_bytes"),
+            ("    max_body_bytes: -1\n", "max_body_bytes"),
+            ("    max_body_bytes: 1.5\n", "max_body_bytes"),
+            ("    max_body_bytes: 1e6\n", "max_body_bytes"),
+            ("    max_body_bytes: 10MB\n", "max_body_bytes"),
+            ("    max_body_bytes: true\n", "max_body_bytes"),
+            (
+                "    max_body_bytes: 99999999999999999999999\n",
+                "max_body_bytes",
+            ),
+        ] {
+            let e = err(&route(keys));
+            assert!(
+                e.starts_with(&format!("routes[1].{field}: ")),
+                "{keys:?} gave {e:?}, wanted routes[1].{field}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_reload_keeps_the_bucket_of_a_route_that_matches_the_same_requests() {
+        let old = table(
+            "routes:\n  - host: a.example\n    path_allowlist: [/x, /y]\n    methods: [GET, POST]\n    rate_limit: 1/h\n  - host: b.example\n    rate_limit: 1/h\n  - host: c.example\n    rate_limit: 1/h\n",
+        );
+        for route in old.routes() {
+            assert!(route.rate_limit.as_ref().unwrap().bucket.take().is_ok());
+        }
+        // Moved, lists reordered, token added, another route changed: a.example keeps its
+        // bucket; b.example's limit and c.example's ports changed, and d.example is new.
+        let mut new = RouteTable::from_text(
+            "routes:\n  - host: d.example\n    rate_limit: 1/h\n  - host: b.example\n    rate_limit: 2/h\n  - host: c.example\n    ports: [443, 8443]\n    rate_limit: 1/h\n  - host: a.example\n    path_allowlist: [/y, /x]\n    methods: [POST, GET]\n    rate_limit: 1/h\n    auth_scheme: Bearer\n    token_env: EGRESS_PROXY_TOKEN_0\n",
+            &secrets(),
+        )
+        .unwrap();
+        new.keep_buckets_from(&old);
+        let spent: Vec<bool> = new
+            .routes()
+            .iter()
+            .map(|r| r.rate_limit.as_ref().unwrap().bucket.take().is_err())
+            .collect();
+        assert_eq!(spent, [false, false, false, true]);
+        // A path or a method more is another route: a full bucket.
+        for changed in [
+            "routes:\n  - host: a.example\n    path_allowlist: [/x, /y, /z]\n    methods: [GET, POST]\n    rate_limit: 1/h\n",
+            "routes:\n  - host: a.example\n    path_allowlist: [/x, /y]\n    methods: [GET]\n    rate_limit: 1/h\n",
+            "routes:\n  - host: a.example\n    path_allowlist: [/x, /y]\n    rate_limit: 1/h\n",
+            "routes:\n  - host: a.example\n    path_allowlist: [/x, /y]\n    methods: [GET, POST]\n    rate_limit: 1/h\n    burst: 2\n",
+        ] {
+            let mut t = table(changed);
+            t.keep_buckets_from(&old);
+            let bucket = &t.routes()[0].rate_limit.as_ref().unwrap().bucket;
+            assert!(bucket.take().is_ok(), "{changed}");
         }
     }
 

@@ -21,7 +21,7 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
 use super::h2::OpenStream;
-use crate::error::{BodyError, BoxError};
+use crate::error::{BodyError, BodyTooLarge, BoxError, ErrorKind, ProxyError};
 
 /// A response body from either client.
 pub(crate) enum UpstreamBody {
@@ -144,8 +144,8 @@ pub(super) struct UploadState {
     /// The client is waiting for the agent's next frame: a silence that is the agent's,
     /// which its body's own timer reports (`proxy::body::Tracked`).
     awaiting_agent: AtomicBool,
-    /// Why the agent's body failed, if it did.
-    agent_error: OnceLock<String>,
+    /// How the agent's body failed, if it did: the request's answer.
+    agent_error: OnceLock<ProxyError>,
 }
 
 impl UploadState {
@@ -157,9 +157,10 @@ impl UploadState {
         }
     }
 
-    /// Why the agent's own body failed, if it did.
-    pub(super) fn agent_error(&self) -> Option<&str> {
-        self.agent_error.get().map(String::as_str)
+    /// The answer for an agent's body that failed, if it did: `413 body_too_large` for
+    /// one over its route's cap, else `400 bad_request` (it broke its own framing).
+    pub(super) fn agent_error(&self) -> Option<&ProxyError> {
+        self.agent_error.get()
     }
 }
 
@@ -194,7 +195,7 @@ impl<B: Body<Data = Bytes, Error = BodyError>> Body for Upload<B> {
             .store(polled.is_pending(), Ordering::Relaxed);
         match &polled {
             Poll::Ready(Some(Err(e))) => {
-                let _ = state.agent_error.set(e.to_string());
+                let _ = state.agent_error.set(agent_body_error(e));
             }
             Poll::Ready(_) => state.moved.moved(),
             Poll::Pending => {}
@@ -208,6 +209,16 @@ impl<B: Body<Data = Bytes, Error = BodyError>> Body for Upload<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+fn agent_body_error(e: &BodyError) -> ProxyError {
+    match e.0.downcast_ref::<BodyTooLarge>() {
+        Some(too_large) => ProxyError::new(ErrorKind::BodyTooLarge, too_large.to_string()),
+        None => ProxyError::new(
+            ErrorKind::BadRequest,
+            format!("the request body failed: {e}"),
+        ),
     }
 }
 
@@ -335,7 +346,13 @@ mod tests {
             .unwrap();
         let (failed, _body) = waiting.await.unwrap();
         assert!(failed);
-        assert_eq!(state.agent_error(), Some("invalid chunk size"));
+        let e = state.agent_error().unwrap();
+        assert_eq!(e.kind, ErrorKind::BadRequest);
+        assert_eq!(e.reason, "the request body failed: invalid chunk size");
+        assert_eq!(
+            agent_body_error(&BodyError(Box::new(BodyTooLarge(10)))).kind,
+            ErrorKind::BodyTooLarge
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -168,7 +168,8 @@ impl Upstream {
     /// refused before anything of it went out is sent on another connection; when
     /// `replayable` (bodiless and idempotent) and it fails on a reused connection before
     /// any response byte arrived, it is sent once more on a new one (SPEC §4.3). A failure
-    /// of the agent's own body is the agent's: `400 bad_request`, whatever the send said.
+    /// of the agent's own body is the agent's: `400 bad_request` (`413 body_too_large`
+    /// when it passed its route's cap), whatever the send said.
     pub(crate) async fn send(
         &self,
         target: &Target,
@@ -186,10 +187,7 @@ impl Upstream {
         self.send_attempts(target, req, replayable, upload.as_ref())
             .await
             .map_err(|e| match upload.as_ref().and_then(|u| u.agent_error()) {
-                Some(why) => ProxyError::new(
-                    ErrorKind::BadRequest,
-                    format!("the request body failed: {why}"),
-                ),
+                Some(agent) => agent.clone(),
                 None => e,
             })
     }
