@@ -576,6 +576,8 @@ async fn a_fresh_proxy_exports_every_series_of_the_vocabulary_at_zero() {
         "misdirected",
         "bad_request",
         "headers_too_large",
+        "rate_limited",
+        "body_too_large",
     ] {
         want.push(requests("deny", reason));
     }

@@ -457,7 +457,7 @@ async fn a_streamed_body_over_the_cap_is_cut_and_413() {
             ),
         );
         let authority = format!("api.test:{port}");
-        let ctx = format!("upstream {:?}", upstream_alpn[0]);
+        let ctx = format!("upstream {}", String::from_utf8_lossy(upstream_alpn[0]));
 
         // HTTP/1.1 agent, chunked: 600 bytes, then 600 more.
         let chunk = |n: usize| format!("{n:x}\r\n{}\r\n", "c".repeat(n));
