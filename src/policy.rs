@@ -266,7 +266,7 @@ fn upgrade_requested(req: RequestView<'_>) -> Result<bool, ProxyError> {
 /// could refuse the request (a refused request spends nothing) and before anything
 /// upstream is touched, even if the body then turns out too large. A route without limits
 /// pays two `Option` checks: no clock read, no atomic.
-pub(crate) fn admit(route: &Route, req: RequestView<'_>, declared: u64) -> Result<(), ProxyError> {
+pub fn admit(route: &Route, req: RequestView<'_>, declared: u64) -> Result<(), ProxyError> {
     if let Some(limit) = &route.rate_limit
         && let Err(wait) = limit.bucket.take()
     {

@@ -6,7 +6,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
-use egress_proxy::{Authority, Channel, Host, OneSecret, RequestView, RouteTable, decide};
+use egress_proxy::{Authority, Channel, Host, OneSecret, RequestView, RouteTable, admit, decide};
 use http::{Method, Request, Version};
 
 struct CountingAllocator;
@@ -173,4 +173,35 @@ fn an_allowed_request_is_decided_without_allocating() {
     });
     assert!(decision.is_err());
     assert!(allocations > 0);
+}
+
+/// The matched route's limits step allocates nothing for a request it lets through, with
+/// or without limits (a route without them costs two `Option` checks).
+#[test]
+fn the_limits_step_allocates_nothing_for_an_admitted_request() {
+    let routes = RouteTable::from_text(
+        "routes:\n  - host: free.example\n  - host: limited.example\n    rate_limit: 60/m\n    burst: 100\n    max_body_bytes: 1048576\n",
+        &OneSecret("token-value"),
+    )
+    .expect("routes load");
+    for host in ["free.example", "limited.example"] {
+        let req = Request::post("/v1/messages")
+            .header("host", host)
+            .body(())
+            .expect("test request");
+        let authority = Authority {
+            host: Host::parse(host).expect("test host"),
+            port: 443,
+        };
+        let view = RequestView {
+            method: req.method(),
+            uri: req.uri(),
+            version: req.version(),
+            headers: req.headers(),
+        };
+        let allowed = decide(&routes, &authority, Channel::Tunnel, view).expect("allowed");
+        let (allocations, admitted) = allocations_in(|| admit(allowed.route, view, 1000));
+        assert!(admitted.is_ok(), "{host}: {admitted:?}");
+        assert_eq!(allocations, 0, "{host}: {allocations} allocations");
+    }
 }
