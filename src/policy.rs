@@ -604,4 +604,50 @@ routes:
             assert_eq!(parse_authority(bad), None, "{bad}");
         }
     }
+
+    #[test]
+    fn the_matched_routes_limits() {
+        let t = RouteTable::from_text(
+            "routes:\n  - host: free.example\n  - host: rated.example\n    rate_limit: 2/h\n    max_body_bytes: 100\n  - host: capped.example\n    max_body_bytes: 100\n",
+            &Env,
+        )
+        .unwrap();
+        let uri: Uri = "/upload".parse().unwrap();
+        let headers = HeaderMap::new();
+        let view = RequestView {
+            method: &Method::POST,
+            uri: &uri,
+            version: Version::HTTP_11,
+            headers: &headers,
+        };
+        let [free, rated, capped] = t.routes() else {
+            panic!("three routes")
+        };
+        let kind = |r: &Route, declared| admit(r, view, declared).map_err(|e| e.kind);
+        // No limits: anything goes, as often as it likes.
+        for _ in 0..100 {
+            assert_eq!(kind(free, u64::MAX), Ok(()));
+        }
+        // A body of exactly the cap passes; one byte more does not.
+        assert_eq!(kind(capped, 100), Ok(()));
+        assert_eq!(kind(capped, 101), Err(ErrorKind::BodyTooLarge));
+        // The rate comes first: a body over the cap still spends a token.
+        assert_eq!(kind(rated, 101), Err(ErrorKind::BodyTooLarge));
+        assert_eq!(kind(rated, 0), Ok(()));
+        // The bucket is empty: an hour / 2 until the next token.
+        let e = admit(rated, view, 0).unwrap_err();
+        let ErrorKind::RateLimited { retry_after } = e.kind else {
+            panic!("{e}")
+        };
+        assert!((1790..=1800).contains(&retry_after), "{retry_after}");
+        assert_eq!(
+            e.reason,
+            format!("POST /upload is over its route's rate_limit of 2/h; retry in {retry_after}s")
+        );
+        // A refusal spent nothing, and the cap is not even looked at.
+        assert!(matches!(
+            kind(rated, 101),
+            Err(ErrorKind::RateLimited { .. })
+        ));
+    }
 }
