@@ -31,7 +31,8 @@ struct Took {
 }
 
 /// A TLS upstream that reads every request's body to its end (or its failure), records
-/// it, and answers `200 {"len":N}`.
+/// it, and answers `200 {"len":N}`; on `/early` it answers at once, sends `start`, and
+/// ends its answer when the body has ended.
 struct Recorder {
     port: u16,
     took: Arc<Mutex<Vec<Took>>>,
@@ -57,18 +58,16 @@ impl Recorder {
                         let record = record.clone();
                         async move {
                             let path = req.uri().path().to_owned();
-                            let mut body = req.into_body();
-                            let (mut bytes, mut whole) = (0u64, true);
-                            while let Some(frame) = body.frame().await {
-                                match frame {
-                                    Ok(f) => bytes += f.data_ref().map_or(0, |d| d.len() as u64),
-                                    Err(_) => {
-                                        whole = false;
-                                        break;
-                                    }
-                                }
+                            let body = req.into_body();
+                            if path == "/early" {
+                                let (done, ended) = tokio::sync::oneshot::channel();
+                                tokio::spawn(async move {
+                                    read_body(body, path, &record).await;
+                                    let _ = done.send(());
+                                });
+                                return Ok(http::Response::new(answer_then_wait(ended)));
                             }
-                            record.lock().unwrap().push(Took { path, bytes, whole });
+                            let bytes = read_body(body, path, &record).await;
                             Ok::<_, std::convert::Infallible>(http::Response::new(body_of(
                                 format!("{{\"len\":{bytes}}}"),
                             )))
@@ -103,6 +102,37 @@ impl Recorder {
         }
         self.took(path)
     }
+}
+
+/// Reads a request body to its end or failure and records it; the bytes it took.
+async fn read_body(mut body: Incoming, path: String, record: &Mutex<Vec<Took>>) -> u64 {
+    let (mut bytes, mut whole) = (0u64, true);
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => bytes += f.data_ref().map_or(0, |d| d.len() as u64),
+            Err(_) => {
+                whole = false;
+                break;
+            }
+        }
+    }
+    record.lock().unwrap().push(Took { path, bytes, whole });
+    bytes
+}
+
+/// `start`, then the end once `ended` fires (or 10 s).
+fn answer_then_wait(ended: tokio::sync::oneshot::Receiver<()>) -> ClientBody {
+    let frames = futures_util::stream::unfold((true, Some(ended)), |(first, ended)| async move {
+        if first {
+            return Some((
+                Ok(Frame::data(Bytes::from_static(b"start"))),
+                (false, ended),
+            ));
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), ended?).await;
+        None
+    });
+    StreamBody::new(frames).boxed()
 }
 
 fn body_of(b: impl Into<Bytes>) -> ClientBody {
@@ -528,5 +558,67 @@ async fn a_streamed_body_over_the_cap_is_cut_and_413() {
         }
         // The request after the exact one on the same connection went through too.
         assert_eq!(up.await_took("/after", 1).await.len(), 1, "{ctx}");
+    }
+}
+
+/// A body that passes the cap after the upstream has answered: the agent has its status
+/// line already, so it gets a cut (its HTTP/2 stream reset, its HTTP/1.1 connection
+/// closed), never a complete response; the upstream request is reset with at most the cap.
+#[tokio::test]
+async fn a_body_over_the_cap_after_the_answer_began_is_a_cut() {
+    const CAP: usize = 1000;
+    for upstream_alpn in [H1, H2] {
+        let ca = TestCa::new("ca");
+        let up = Recorder::start(&ca, upstream_alpn).await;
+        let port = up.port;
+        let proxy = proxy_for(
+            &ca,
+            &up,
+            &format!(
+                "routes:\n  - host: api.test\n    ports: [{port}]\n    max_body_bytes: {CAP}\n"
+            ),
+        );
+        let authority = format!("api.test:{port}");
+        let ctx = format!("upstream {}", String::from_utf8_lossy(upstream_alpn[0]));
+        for agent_alpn in [H1, H2] {
+            let tls = proxy.tunnel("api.test", port, agent_alpn).await;
+            let response = if agent_alpn == H2 {
+                let req = Request::builder()
+                    .method("POST")
+                    .uri(format!("https://{authority}/early"))
+                    .body(two_pieces(600, 600))
+                    .unwrap();
+                h2(tls).await.send_request(req).await
+            } else {
+                let req = Request::builder()
+                    .method("POST")
+                    .uri("/early")
+                    .header("host", &authority)
+                    .header("transfer-encoding", "chunked")
+                    .body(two_pieces(600, 600))
+                    .unwrap();
+                h1(tls).await.send_request(req).await
+            };
+            let ctx = format!("{ctx}, agent {}", String::from_utf8_lossy(agent_alpn[0]));
+            let response = response.unwrap_or_else(|e| panic!("{ctx}: {e}"));
+            assert_eq!(response.status(), 200, "{ctx}");
+            let rest =
+                tokio::time::timeout(Duration::from_secs(10), response.into_body().collect())
+                    .await
+                    .unwrap_or_else(|_| panic!("{ctx}: the answer was neither cut nor ended"));
+            assert!(
+                rest.is_err(),
+                "{ctx}: a complete answer: {:?}",
+                rest.map(|c| c.to_bytes())
+            );
+        }
+        let took = up.await_took("/early", 2).await;
+        assert_eq!(took.len(), 2, "{ctx}: {took:?}");
+        for t in took {
+            assert!(
+                !t.whole && t.bytes <= CAP as u64,
+                "{ctx}: the upstream got {t:?}"
+            );
+        }
     }
 }
