@@ -6,7 +6,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
-use egress_proxy::{Authority, Channel, Host, OneSecret, RequestView, RouteTable, decide};
+use egress_proxy::{Authority, Channel, Host, Mode, OneSecret, RequestView, RouteTable, decide};
 use http::{Method, Request, Version};
 
 struct CountingAllocator;
@@ -147,9 +147,14 @@ fn an_allowed_request_is_decided_without_allocating() {
             version: req.version(),
             headers: req.headers(),
         };
-        let (allocations, decision) =
-            allocations_in(|| decide(&routes, &authority, channel, view).map(|a| a.route.index));
-        assert!(decision.is_ok(), "{host} {target}: {decision:?}");
+        let (allocations, decision) = allocations_in(|| {
+            decide(&routes, &authority, channel, Mode::Enforce, view)
+                .map(|d| d.route().map(|r| r.index))
+        });
+        assert!(
+            matches!(decision, Ok(Some(_))),
+            "{host} {target}: {decision:?}"
+        );
         assert_eq!(allocations, 0, "{host} {target}: {allocations} allocations");
     }
 
@@ -169,7 +174,8 @@ fn an_allowed_request_is_decided_without_allocating() {
         headers: req.headers(),
     };
     let (allocations, decision) = allocations_in(|| {
-        decide(&routes, &authority, Channel::Tunnel, view).map(|a| a.route.index)
+        decide(&routes, &authority, Channel::Tunnel, Mode::Enforce, view)
+            .map(|d| d.route().map(|r| r.index))
     });
     assert!(decision.is_err());
     assert!(allocations > 0);

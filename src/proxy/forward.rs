@@ -26,7 +26,7 @@ use super::framing::HeadLog;
 use super::stall::Cuttable;
 use crate::audit::RequestEvent;
 use crate::error::{ErrorKind, ProxyBody, ProxyError, empty_body};
-use crate::policy::{self, Authority, Channel, RequestView, TargetError, parse_target};
+use crate::policy::{self, Authority, Channel, Decision, RequestView, TargetError, parse_target};
 use crate::routes::Injection;
 use crate::upstream::{ConnectionSlot, Target};
 
@@ -106,10 +106,40 @@ pub(crate) async fn plain_http(req: Request<Incoming>, conn: ClientConn) -> Resp
 
 /// What the policy allowed, copied out so the request can be taken apart.
 struct Grant {
-    route_index: usize,
-    injection: Option<Injection>,
+    credentials: Credentials,
     allow_private: bool,
     websocket: bool,
+}
+
+/// What happens to credentials on a request's way up, beyond the hop-by-hop fields and
+/// the agent's `Authorization` and `Proxy-Authorization`, which always come off.
+enum Credentials {
+    /// A route matched: the agent's own value of the route's header comes off, the
+    /// route's token goes on.
+    Route(Option<Injection>),
+    /// Report mode, no route matched: no token; the agent's own values of every header
+    /// a route for this host and port injects come off.
+    Reported(Vec<HeaderName>),
+}
+
+impl Credentials {
+    /// The fields the agent's head and trailers lose.
+    fn agent_fields(&self) -> &[HeaderName] {
+        match self {
+            Credentials::Route(injection) => injection
+                .as_ref()
+                .map_or(&[], |i| std::slice::from_ref(&i.header)),
+            Credentials::Reported(names) => names,
+        }
+    }
+
+    /// The token that goes on: only ever a matched route's.
+    fn token(&self) -> Option<&Injection> {
+        match self {
+            Credentials::Route(injection) => injection.as_ref(),
+            Credentials::Reported(_) => None,
+        }
+    }
 }
 
 async fn process(
@@ -153,19 +183,30 @@ async fn process(
         version: req.version(),
         headers: req.headers(),
     };
-    let grant = match policy::decide(&routes, authority, channel, view) {
-        Ok(allowed) => Grant {
-            route_index: allowed.route.index,
-            injection: allowed.route.injection.clone(),
-            allow_private: allowed.route.allow_private,
-            websocket: allowed.websocket,
-        },
+    let grant = match policy::decide(&routes, authority, channel, state.mode, view) {
+        Ok(Decision::Allow(allowed)) => {
+            record.route = Some(allowed.route.index);
+            Grant {
+                credentials: Credentials::Route(allowed.route.injection.clone()),
+                allow_private: allowed.route.allow_private,
+                websocket: allowed.websocket,
+            }
+        }
+        // No route: the destination is checked as for a route without `allow_private`.
+        Ok(Decision::Report(reported)) => {
+            record.decision = "report";
+            record.reason = Some(reported.would_refuse.code());
+            Grant {
+                credentials: Credentials::Reported(reported.credential_headers),
+                allow_private: false,
+                websocket: reported.websocket,
+            }
+        }
         Err(e) => {
             return record.refused(&e, h1 && e.kind == ErrorKind::BadRequest);
         }
     };
     drop(routes);
-    record.route = Some(grant.route_index);
 
     let target = Target {
         host: authority.host.clone(),
@@ -180,11 +221,8 @@ async fn process(
         bodiless && matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
     let body_idle = state.limits.body_idle_timeout;
     // Named in the head's `Connection`: hop-by-hop in the trailers too.
-    let hop_by_hop = rewrite_request_headers(
-        &mut parts.headers,
-        grant.injection.as_ref(),
-        grant.websocket,
-    );
+    let hop_by_hop =
+        rewrite_request_headers(&mut parts.headers, &grant.credentials, grant.websocket);
     if let Ok(v) = HeaderValue::from_str(&target.authority()) {
         parts.headers.insert(header::HOST, v);
     }
@@ -195,7 +233,7 @@ async fn process(
     parts.version = Version::HTTP_11;
     let body = AgentTrailersStripped {
         inner: body,
-        route_header: grant.injection.map(|i| i.header),
+        credentials: grant.credentials,
         hop_by_hop,
     };
     let upstream_body =
@@ -346,16 +384,13 @@ fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
 
 /// Removes from an agent's header or trailer fields what never goes upstream from the
 /// agent: hop-by-hop fields, every credential it sent (`Authorization`,
-/// `Proxy-Authorization`, the route's header) and `Host`. Returns the fields its
-/// `Connection` header named.
-fn strip_agent_fields(
-    fields: &mut HeaderMap,
-    route_header: Option<&HeaderName>,
-) -> Vec<HeaderName> {
+/// `Proxy-Authorization`, the `credential_fields` of [`Credentials::agent_fields`]) and
+/// `Host`. Returns the fields its `Connection` header named.
+fn strip_agent_fields(fields: &mut HeaderMap, credential_fields: &[HeaderName]) -> Vec<HeaderName> {
     let named = remove_hop_by_hop(fields);
     fields.remove(header::AUTHORIZATION);
     fields.remove(header::HOST);
-    if let Some(name) = route_header {
+    for name in credential_fields {
         fields.remove(name);
     }
     named
@@ -366,18 +401,18 @@ fn strip_agent_fields(
 /// `Connection` header named.
 fn rewrite_request_headers(
     headers: &mut HeaderMap,
-    injection: Option<&Injection>,
+    credentials: &Credentials,
     websocket: bool,
 ) -> Vec<HeaderName> {
     let te_trailers = headers
         .get(header::TE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    let connection_named = strip_agent_fields(headers, injection.map(|i| &i.header));
+    let connection_named = strip_agent_fields(headers, credentials.agent_fields());
     if te_trailers {
         // `TE: trailers` is the one TE value HTTP/2 allows; gRPC needs it.
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
-    if let Some(inj) = injection {
+    if let Some(inj) = credentials.token() {
         headers.insert(inj.header.clone(), inj.value.clone());
     }
     if websocket {
@@ -395,7 +430,7 @@ pin_project! {
     struct AgentTrailersStripped<B> {
         #[pin]
         inner: B,
-        route_header: Option<HeaderName>,
+        credentials: Credentials,
         // The fields the head's `Connection` header named.
         hop_by_hop: Vec<HeaderName>,
     }
@@ -414,7 +449,7 @@ impl<B: Body> Body for AgentTrailersStripped<B> {
         Poll::Ready(frame.map(|f| {
             f.map(|frame| match frame.into_trailers() {
                 Ok(mut trailers) => {
-                    strip_agent_fields(&mut trailers, this.route_header.as_ref());
+                    strip_agent_fields(&mut trailers, this.credentials.agent_fields());
                     for name in this.hop_by_hop.iter() {
                         trailers.remove(name);
                     }
@@ -557,13 +592,13 @@ mod tests {
     use super::*;
     use http_body_util::StreamBody;
 
-    #[tokio::test]
-    async fn request_trailers_lose_the_agents_credentials_and_hop_by_hop_fields() {
-        let mut trailers = HeaderMap::new();
+    fn agent_fields() -> HeaderMap {
+        let mut fields = HeaderMap::new();
         for (name, value) in [
             ("authorization", "Bearer agent"),
             ("proxy-authorization", "Basic agent"),
             ("x-api-key", "agent"),
+            ("x-other-key", "agent"),
             ("connection", "x-named"),
             ("x-named", "hop"),
             ("te", "trailers"),
@@ -571,24 +606,73 @@ mod tests {
             ("x-named-in-connection", "hop"),
             ("x-checksum", "kept"),
         ] {
-            trailers.insert(
+            fields.insert(
                 HeaderName::from_static(name),
                 HeaderValue::from_static(value),
             );
         }
-        let frames: Vec<Result<Frame<bytes::Bytes>, std::convert::Infallible>> = vec![
-            Ok(Frame::data(bytes::Bytes::from_static(b"data"))),
-            Ok(Frame::trailers(trailers)),
-        ];
-        let body = AgentTrailersStripped {
-            inner: StreamBody::new(futures_util::stream::iter(frames)),
-            route_header: Some(HeaderName::from_static("x-api-key")),
-            hop_by_hop: vec![HeaderName::from_static("x-named-in-connection")],
-        };
-        let collected = body.collect().await.unwrap();
-        let trailers = collected.trailers().cloned().unwrap();
-        let names: Vec<&str> = trailers.keys().map(|k| k.as_str()).collect();
-        assert_eq!(names, ["x-checksum"]);
-        assert_eq!(collected.to_bytes(), "data");
+        fields
+    }
+
+    fn route_with_key() -> Credentials {
+        Credentials::Route(Some(Injection {
+            header: HeaderName::from_static("x-api-key"),
+            value: HeaderValue::from_static("route-token"),
+        }))
+    }
+
+    fn reported_for_two_routes() -> Credentials {
+        Credentials::Reported(vec![
+            HeaderName::from_static("x-api-key"),
+            HeaderName::from_static("x-other-key"),
+        ])
+    }
+
+    #[tokio::test]
+    async fn request_trailers_lose_the_agents_credentials_and_hop_by_hop_fields() {
+        for (credentials, kept) in [
+            (route_with_key(), &["x-other-key", "x-checksum"][..]),
+            (reported_for_two_routes(), &["x-checksum"][..]),
+        ] {
+            let frames: Vec<Result<Frame<bytes::Bytes>, std::convert::Infallible>> = vec![
+                Ok(Frame::data(bytes::Bytes::from_static(b"data"))),
+                Ok(Frame::trailers(agent_fields())),
+            ];
+            let body = AgentTrailersStripped {
+                inner: StreamBody::new(futures_util::stream::iter(frames)),
+                credentials,
+                hop_by_hop: vec![HeaderName::from_static("x-named-in-connection")],
+            };
+            let collected = body.collect().await.unwrap();
+            let trailers = collected.trailers().cloned().unwrap();
+            let mut names: Vec<&str> = trailers.keys().map(|k| k.as_str()).collect();
+            names.sort_unstable();
+            let mut kept = kept.to_vec();
+            kept.sort_unstable();
+            assert_eq!(names, kept);
+            assert_eq!(collected.to_bytes(), "data");
+        }
+    }
+
+    /// A reported request loses every route's header for its host and gets no token; a
+    /// routed one gets its route's token in place of the agent's value.
+    #[test]
+    fn only_a_matched_route_puts_a_token_on() {
+        let mut headers = agent_fields();
+        rewrite_request_headers(&mut headers, &reported_for_two_routes(), false);
+        for name in [
+            "authorization",
+            "proxy-authorization",
+            "x-api-key",
+            "x-other-key",
+        ] {
+            assert!(headers.get(name).is_none(), "{name} kept");
+        }
+        assert!(reported_for_two_routes().token().is_none());
+        let mut headers = agent_fields();
+        rewrite_request_headers(&mut headers, &route_with_key(), false);
+        let keys: Vec<_> = headers.get_all("x-api-key").iter().collect();
+        assert_eq!(keys, ["route-token"]);
+        assert!(headers.get("authorization").is_none());
     }
 }

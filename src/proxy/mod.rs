@@ -26,6 +26,7 @@ use tokio::time::Instant;
 
 use crate::ca::LeafCache;
 use crate::metrics::Metrics;
+use crate::policy::Mode;
 use crate::routes::RouteTable;
 use crate::upstream::Upstream;
 
@@ -68,6 +69,8 @@ pub(crate) struct ProxyState {
     pub limits: ClientLimits,
     /// The proxy's own listeners: a CONNECT to one of them is refused.
     pub own_listeners: Vec<SocketAddr>,
+    /// `--mode`, fixed at start (a reload does not change it): copied into each decision.
+    pub mode: Mode,
     pub metrics: Arc<Metrics>,
     connection_slots: Arc<Semaphore>,
     /// Refusals that may wait for the agent's request (`listener::REFUSALS_AT_ONCE`).
@@ -90,10 +93,12 @@ impl ProxyState {
         upstream: Arc<Upstream>,
         limits: ClientLimits,
         own_listeners: Vec<SocketAddr>,
+        mode: Mode,
     ) -> Arc<ProxyState> {
         let (hits, misses) = leaves.counters();
         Arc::new(ProxyState {
-            metrics: Arc::new(Metrics::new(hits, misses)),
+            metrics: Arc::new(Metrics::new(hits, misses, mode)),
+            mode,
             routes: ArcSwap::from_pointee(routes),
             leaves,
             upstream,
