@@ -1,5 +1,6 @@
 //! The proxy's network plumbing: accepting agent connections ([`listener`]), terminating
-//! their TLS ([`intercept`]) and forwarding each request ([`forward`]).
+//! their TLS ([`intercept`]) and forwarding each request ([`forward`], which rewrites its
+//! fields with [`headers`]).
 //!
 //! None of it decides policy: it asks [`crate::policy`] and the route table, and answers
 //! refusals through [`crate::error::ProxyError`]. What all connections share lives in
@@ -8,6 +9,7 @@
 pub(crate) mod body;
 pub(crate) mod forward;
 pub(crate) mod framing;
+mod headers;
 pub(crate) mod intercept;
 mod linger;
 pub(crate) mod listener;
