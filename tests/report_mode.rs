@@ -96,7 +96,9 @@ impl World {
         }
     }
 
-    /// The request's raw HTTP/1.1 `raw` (`{h}` is the authority) in a tunnel to `host`.
+    /// The request's raw HTTP/1.1 `raw` (`{h}` is the authority) in a tunnel to `host`;
+    /// what comes back until the proxy closes or stays quiet for a second (long enough
+    /// that a late answer on a loaded machine is not taken for none).
     async fn raw(&self, host: &str, raw: &str) -> String {
         let raw = raw.replace("{h}", &self.authority(host));
         self.proxy
@@ -104,7 +106,7 @@ impl World {
                 host,
                 self.up.port(),
                 raw.as_bytes(),
-                Duration::from_millis(400),
+                Duration::from_millis(1000),
             )
             .await
     }
@@ -171,10 +173,10 @@ fn metric(text: &str, sample: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
 }
 
-/// The first audit event `event` whose `key` is `value`, waiting up to 5 s for it (the
+/// The first audit event `event` whose `key` is `value`, waiting up to 10 s for it (the
 /// test's runtime keeps running meanwhile: a tunnel the test dropped closes).
 async fn audit_event(proxy: &Proxy, event: &str, key: &str, value: &str) -> serde_json::Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let found = proxy
             .logs()
