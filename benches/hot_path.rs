@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use egress_proxy::{
-    Authority, BottleCa, Channel, Host, LeafCache, OneSecret, RequestView, RouteTable,
+    Authority, BottleCa, Channel, Host, LeafCache, Mode, OneSecret, RequestView, RouteTable,
     check_request_path, decide,
 };
 use http::{Method, Request};
@@ -65,7 +65,16 @@ fn policy(c: &mut Criterion) {
                     version: req.version(),
                     headers: req.headers(),
                 };
-                black_box(decide(&routes, &authority, Channel::Tunnel, black_box(view)).is_ok())
+                black_box(
+                    decide(
+                        &routes,
+                        &authority,
+                        Channel::Tunnel,
+                        Mode::Enforce,
+                        black_box(view),
+                    )
+                    .is_ok(),
+                )
             })
         });
     }

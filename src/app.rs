@@ -112,10 +112,11 @@ pub async fn run(config: Config) -> Result<(), String> {
         max_concurrent_streams: 256,
     };
     let route_count = routes.routes().len();
-    let state = ProxyState::new(routes, leaves, upstream, limits, own_listeners);
+    let state = ProxyState::new(routes, leaves, upstream, limits, own_listeners, config.mode);
     let via = config.upstream_proxy.as_ref().map(|p| p.to_string());
     tracing::info!(
         event = "start",
+        mode = config.mode.as_str(),
         upstream_proxy = via.as_deref(),
         listen = %bound_listen,
         admin = %bound_admin,

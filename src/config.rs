@@ -14,6 +14,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
 use crate::chain::{NoProxy, ProxyUrl};
+use crate::policy::Mode;
 use crate::routes::Host;
 use crate::upstream::ResolveMap;
 
@@ -133,6 +134,10 @@ pub struct RunArgs {
     /// Request head size limit (431) and upstream response head limit (502).
     #[arg(long, env = "EGRESS_PROXY_MAX_HEADER_BYTES", default_value_t = 65536)]
     pub max_header_bytes: usize,
+    /// What no route allows: refused (enforce), or forwarded without a token and logged
+    /// as `report`, to learn the routes an agent needs.
+    #[arg(long, env = "EGRESS_PROXY_MODE", value_enum, default_value = "enforce")]
+    pub mode: Mode,
 }
 
 /// A checked run configuration.
@@ -155,6 +160,7 @@ pub struct Config {
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub max_header_bytes: usize,
+    pub mode: Mode,
 }
 
 /// Reads a variable, treating an empty value as unset.
@@ -255,6 +261,7 @@ impl Config {
             idle_timeout: secs("idle-timeout", args.idle_timeout)?,
             max_connections: args.max_connections,
             max_header_bytes: args.max_header_bytes,
+            mode: args.mode,
         })
     }
 }
@@ -315,6 +322,12 @@ mod tests {
         assert_eq!(c.listen.to_string(), "0.0.0.0:1");
         assert_eq!(c.idle_timeout, Duration::from_secs(5));
         assert_eq!(c.response_timeout, Duration::from_secs(600));
+        assert_eq!(c.mode, Mode::Enforce);
+        let cli = Cli::try_parse_from(["egress-proxy", "--mode", "report"]).unwrap();
+        assert_eq!(Config::from_args(cli.run).unwrap().mode, Mode::Report);
+        let e = Cli::try_parse_from(["egress-proxy", "--mode", "audit"]).unwrap_err();
+        let e = e.to_string();
+        assert!(e.contains("--mode") && e.contains("audit"), "{e}");
         let cli = Cli::try_parse_from(["egress-proxy", "run", "--listen", "nope"]).unwrap();
         let e = Config::from_args(match cli.command {
             Some(Command::Run(r)) => *r,

@@ -41,7 +41,9 @@ pub use ca::{BottleCa, CA_CERT_FILE, LeafCache};
 pub use chain::NoProxy;
 pub use config::{CaCommand, Cli, Command, Config, RunArgs};
 pub use logging::{flush as flush_logs, init as init_logs, on_worker_park};
-pub use policy::{Authority, Channel, RequestView, admit, decide};
+pub use policy::{
+    Allowed, Authority, Channel, Decision, Mode, Reported, RequestView, admit, decide,
+};
 pub use proxy::framing::HeadLog;
 pub use reload::load_routes;
 pub use routes::{

@@ -9,6 +9,7 @@
 //! > 0` has a series to evaluate before the first failed reload.
 
 use crate::error::ErrorKind::{self, *};
+use crate::policy::Mode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -38,10 +39,13 @@ impl Reason {
 pub(crate) const TLS_HANDSHAKE_FAILED: &str = "tls_handshake_failed";
 
 /// Every (decision, reason) a request can be counted under (SPEC §4 steps 2-4). A feature
-/// that adds a decision or a refusal (`rate_limited`, `body_too_large`, report mode) adds
-/// its line here.
+/// that adds a decision or a refusal (`rate_limited`, `body_too_large`) adds its line here.
 const REQUEST_SERIES: &[(&str, Reason)] = &[
     ("allow", Reason::Ok),
+    // Report mode: forwarded, with what enforce mode would have refused it with.
+    ("report", Reason::Code(HostNotAllowed)),
+    ("report", Reason::Code(PathNotAllowed)),
+    ("report", Reason::Code(MethodNotAllowed)),
     ("deny", Reason::Code(HostNotAllowed)),
     ("deny", Reason::Code(PathNotAllowed)),
     ("deny", Reason::Code(MethodNotAllowed)),
@@ -78,6 +82,8 @@ const REQUEST_SERIES: &[(&str, Reason)] = &[
 const CONNECT_SERIES: &[(&str, Reason)] = &[
     ("allow", Reason::Ok),
     ("allow", Reason::Named(TLS_HANDSHAKE_FAILED)),
+    // Report mode: a tunnel opened to a host no route covers.
+    ("report", Reason::Code(HostNotAllowed)),
     ("deny", Reason::Code(HostNotAllowed)),
     ("deny", Reason::Code(DestinationNotAllowed)),
     ("deny", Reason::Code(BadRequest)),
@@ -100,7 +106,7 @@ fn upstream_error_kinds() -> impl Iterator<Item = &'static str> {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct DecisionLabels {
-    /// `allow`, `deny` or `error`.
+    /// `allow`, `report`, `deny` or `error`.
     pub decision: &'static str,
     /// The error code of SPEC §4 (`path_not_allowed`, …), or `ok`.
     pub reason: &'static str,
@@ -116,6 +122,12 @@ pub(crate) struct ResultLabels {
 pub(crate) struct KindLabels {
     /// The RFC 9209 error type (`dns_error`, `tls_certificate_error`, …).
     pub kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ModeLabels {
+    /// `enforce` or `report`.
+    pub mode: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -144,7 +156,7 @@ pub(crate) struct Metrics {
 
 impl Metrics {
     /// `leaf_hits`/`leaf_misses` are the leaf cache's own counters, registered as they are.
-    pub(crate) fn new(leaf_hits: Counter, leaf_misses: Counter) -> Metrics {
+    pub(crate) fn new(leaf_hits: Counter, leaf_misses: Counter, mode: Mode) -> Metrics {
         let mut registry = Registry::with_prefix("egress_proxy");
         let requests: Family<DecisionLabels, Counter> = Family::default();
         let bytes: Family<DirectionLabels, Counter> = Family::default();
@@ -218,6 +230,18 @@ impl Metrics {
             "Open intercepted tunnels (TLS established)",
             m.open_tunnels.clone(),
         );
+        // One series, at 1: the mode in force, so `report` is never run unseen.
+        let modes: Family<ModeLabels, Gauge> = Family::default();
+        modes
+            .get_or_create(&ModeLabels {
+                mode: mode.as_str(),
+            })
+            .set(1);
+        registry.register(
+            "mode",
+            "The --mode in force (enforce or report), at 1",
+            modes,
+        );
         registry.register("leaf_cache_hits", "Leaf certificate cache hits", leaf_hits);
         registry.register(
             "leaf_cache_misses",
@@ -276,7 +300,7 @@ mod tests {
 
     #[test]
     fn every_series_of_the_vocabulary_is_there_at_zero() {
-        let text = Metrics::new(Counter::default(), Counter::default()).render();
+        let text = Metrics::new(Counter::default(), Counter::default(), Mode::Enforce).render();
         for line in [
             r#"egress_proxy_reloads_total{result="ok"} 0"#,
             r#"egress_proxy_reloads_total{result="error"} 0"#,
@@ -285,6 +309,11 @@ mod tests {
             r#"egress_proxy_requests_total{decision="error",reason="upstream_timeout"} 0"#,
             r#"egress_proxy_connects_total{decision="deny",reason="host_not_allowed"} 0"#,
             r#"egress_proxy_connects_total{decision="allow",reason="tls_handshake_failed"} 0"#,
+            r#"egress_proxy_requests_total{decision="report",reason="host_not_allowed"} 0"#,
+            r#"egress_proxy_requests_total{decision="report",reason="path_not_allowed"} 0"#,
+            r#"egress_proxy_requests_total{decision="report",reason="method_not_allowed"} 0"#,
+            r#"egress_proxy_connects_total{decision="report",reason="host_not_allowed"} 0"#,
+            r#"egress_proxy_mode{mode="enforce"} 1"#,
             r#"egress_proxy_upstream_errors_total{kind="dns_error"} 0"#,
             r#"egress_proxy_upstream_errors_total{kind="http_response_timeout"} 0"#,
         ] {
@@ -318,10 +347,12 @@ mod tests {
     #[test]
     fn renders_counters_with_fixed_labels() {
         let hits = Counter::default();
-        let m = Metrics::new(hits.clone(), Counter::default());
+        let m = Metrics::new(hits.clone(), Counter::default(), Mode::Report);
         m.count_request("deny", "path_not_allowed");
         m.count_request("deny", "path_not_allowed");
         m.count_request("allow", "ok");
+        m.count_request("report", "method_not_allowed");
+        m.count_connect("report", "host_not_allowed");
         m.count_bytes(5, 7);
         m.count_reload(false);
         hits.inc();
@@ -338,6 +369,18 @@ mod tests {
             "{text}"
         );
         assert!(
+            text.contains(
+                r#"egress_proxy_requests_total{decision="report",reason="method_not_allowed"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"egress_proxy_connects_total{decision="report",reason="host_not_allowed"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
             text.contains(r#"egress_proxy_bytes_total{direction="down"} 7"#),
             "{text}"
         );
@@ -350,6 +393,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("egress_proxy_open_connections 1"), "{text}");
+        assert!(
+            text.contains(r#"egress_proxy_mode{mode="report"} 1"#),
+            "{text}"
+        );
+        assert!(!text.contains(r#"mode="enforce""#), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }

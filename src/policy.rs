@@ -1,12 +1,15 @@
-//! The per-request decision of SPEC §4.2 and §4.4, as one pure function.
+//! The per-request decision of SPEC §4.2 and §4.4, as one pure function, and the CONNECT's
+//! of §4.1.
 //!
 //! The proxy hands over what it knows (the authority the tunnel or absolute URI named,
-//! the request's method, target and headers) and gets back either the route to forward
-//! under or the [`ProxyError`] to answer with. Order matters and follows the contract:
-//! authority, then path, then method and upgrade rules, then the routes.
+//! the request's method, target and headers, the [`Mode`]) and gets back the route to
+//! forward under, a report-mode pass without one, or the [`ProxyError`] to answer with.
+//! Order matters and follows the contract: authority, then path, then method and upgrade
+//! rules, then the routes. Report mode relaxes only the last step, and only what the
+//! routes refuse: everything before it refuses as in enforce mode.
 
 use http::header::{CONNECTION, HOST, UPGRADE};
-use http::{HeaderMap, Method, Uri, Version};
+use http::{HeaderMap, HeaderName, Method, Uri, Version};
 
 use crate::error::{ErrorKind, ProxyError};
 use crate::routes::{Denial, Host, Route, RouteTable, check_request_path};
@@ -24,6 +27,99 @@ pub struct Authority {
 pub enum Channel {
     Tunnel,
     Plain,
+}
+
+/// What the proxy does with what no route allows (`--mode`). Fixed at start: a reload
+/// does not change it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Refuse it (403).
+    Enforce,
+    /// Forward it without a token and log it as `report`, to learn what an agent needs.
+    Report,
+}
+
+impl Mode {
+    /// As logged and labelled on `/metrics`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Report => "report",
+        }
+    }
+}
+
+/// How a request that passed every check goes out.
+#[derive(Debug)]
+pub enum Decision<'r, 'q> {
+    /// A route matched: forwarded under it, with its token.
+    Allow(Allowed<'r, 'q>),
+    /// Report mode: no route allows it; forwarded without any route, so without a token.
+    Report(Reported<'q>),
+}
+
+impl Decision<'_, '_> {
+    /// The route it goes out under, if a route matched.
+    pub fn route(&self) -> Option<&Route> {
+        match self {
+            Decision::Allow(a) => Some(a.route),
+            Decision::Report(_) => None,
+        }
+    }
+
+    /// The request path without its query.
+    pub fn path(&self) -> &str {
+        match self {
+            Decision::Allow(a) => a.path,
+            Decision::Report(r) => r.path,
+        }
+    }
+}
+
+/// A request no route allows, forwarded in report mode. It has no route, so nothing here
+/// can put a token on it.
+#[derive(Debug)]
+pub struct Reported<'q> {
+    /// What enforce mode would have refused it with: `HostNotAllowed`, `PathNotAllowed`
+    /// or `MethodNotAllowed`.
+    pub would_refuse: ErrorKind,
+    /// The request path without its query.
+    pub path: &'q str,
+    /// A WebSocket upgrade to relay.
+    pub websocket: bool,
+    /// Every header a route for this host and port injects its token in (`header`): the
+    /// agent's own values of them are removed, as `Authorization` and
+    /// `Proxy-Authorization` always are.
+    pub credential_headers: Vec<HeaderName>,
+}
+
+/// What a CONNECT whose target parsed gets (SPEC §4.1).
+#[derive(Debug)]
+pub(crate) enum ConnectDecision {
+    /// A route covers the host and port: the tunnel opens.
+    Allow,
+    /// Report mode, no route covers it: the tunnel opens, and is logged with what enforce
+    /// mode would have refused it with.
+    Report(ErrorKind),
+    Deny(ProxyError),
+}
+
+/// Decides a CONNECT to `target`, whose form and destination rules have passed.
+pub(crate) fn decide_connect(
+    routes: &RouteTable,
+    target: &Authority,
+    mode: Mode,
+) -> ConnectDecision {
+    if routes.covers(&target.host, target.port) {
+        return ConnectDecision::Allow;
+    }
+    match mode {
+        Mode::Report => ConnectDecision::Report(ErrorKind::HostNotAllowed),
+        Mode::Enforce => ConnectDecision::Deny(err(
+            ErrorKind::HostNotAllowed,
+            format!("{}:{} is not in the routes", target.host, target.port),
+        )),
+    }
 }
 
 /// What the routes allowed.
@@ -127,8 +223,9 @@ pub fn decide<'r, 'q>(
     routes: &'r RouteTable,
     authority: &Authority,
     channel: Channel,
+    mode: Mode,
     req: RequestView<'q>,
-) -> Result<Allowed<'r, 'q>, ProxyError> {
+) -> Result<Decision<'r, 'q>, ProxyError> {
     let method = req.method;
     if method == Method::CONNECT {
         return Err(err(
@@ -193,27 +290,38 @@ pub fn decide<'r, 'q>(
                     ),
                 ));
             }
-            Ok(Allowed {
+            Ok(Decision::Allow(Allowed {
                 route,
                 path,
                 websocket,
-            })
+            }))
         }
+        Err(denial) if mode == Mode::Report => Ok(Decision::Report(Reported {
+            would_refuse: denial_kind(denial),
+            path,
+            websocket,
+            credential_headers: routes.credential_headers(&authority.host, authority.port),
+        })),
         Err(denial) => {
-            let (kind, what) = match denial {
-                Denial::HostNotAllowed => (ErrorKind::HostNotAllowed, "is not in the routes"),
-                Denial::PathNotAllowed => (ErrorKind::PathNotAllowed, "is not in the routes"),
-                Denial::MethodNotAllowed => (
-                    ErrorKind::MethodNotAllowed,
-                    "is not an allowed method for this path",
-                ),
+            let what = match denial {
+                Denial::MethodNotAllowed => "is not an allowed method for this path",
+                Denial::HostNotAllowed | Denial::PathNotAllowed => "is not in the routes",
             };
             let reason = match denial {
                 Denial::HostNotAllowed => format!("{}:{} {what}", authority.host, authority.port),
                 _ => format!("{method} {path} on {} {what}", authority.host),
             };
-            Err(err(kind, reason))
+            Err(err(denial_kind(denial), reason))
         }
+    }
+}
+
+/// The error code of a refusal by the routes.
+fn denial_kind(denial: Denial) -> ErrorKind {
+    match denial {
+        Denial::HostNotAllowed => ErrorKind::HostNotAllowed,
+        Denial::PathNotAllowed => ErrorKind::PathNotAllowed,
+        Denial::MethodNotAllowed => ErrorKind::MethodNotAllowed,
     }
 }
 
@@ -325,6 +433,13 @@ routes:
     ports: [80]
     auth_scheme: Bearer
     token_env: T
+  - host: api.example.com
+    path_allowlist: ["/keyed"]
+    header: x-api-key
+    token_env: T
+  - host: api.example.com
+    path_allowlist: ["/read"]
+    methods: [GET]
 "#,
             &Env,
         )
@@ -338,6 +453,15 @@ routes:
         }
     }
 
+    /// A decision as the tables write it.
+    #[derive(Debug, PartialEq)]
+    enum Out {
+        /// Route index, WebSocket.
+        Allow(usize, bool),
+        /// What enforce mode refuses it with, WebSocket, the headers taken off.
+        Report(ErrorKind, bool, Vec<&'static str>),
+    }
+
     fn run(
         authority: &Authority,
         channel: Channel,
@@ -346,6 +470,30 @@ routes:
         version: Version,
         headers: &[(&str, &str)],
     ) -> Result<(usize, bool), ErrorKind> {
+        run_in(
+            Mode::Enforce,
+            authority,
+            channel,
+            method,
+            uri,
+            version,
+            headers,
+        )
+        .map(|out| match out {
+            Out::Allow(index, websocket) => (index, websocket),
+            reported => panic!("enforce mode reported {reported:?}"),
+        })
+    }
+
+    fn run_in(
+        mode: Mode,
+        authority: &Authority,
+        channel: Channel,
+        method: &str,
+        uri: &str,
+        version: Version,
+        headers: &[(&str, &str)],
+    ) -> Result<Out, ErrorKind> {
         let t = routes();
         let method = Method::from_bytes(method.as_bytes()).unwrap();
         let uri: Uri = uri.parse().unwrap();
@@ -356,19 +504,28 @@ routes:
                 v.parse().unwrap(),
             );
         }
-        decide(
-            &t,
-            authority,
-            channel,
-            RequestView {
-                method: &method,
-                uri: &uri,
-                version,
-                headers: &map,
-            },
-        )
-        .map(|a| (a.route.index, a.websocket))
-        .map_err(|e| e.kind)
+        let view = RequestView {
+            method: &method,
+            uri: &uri,
+            version,
+            headers: &map,
+        };
+        match decide(&t, authority, channel, mode, view) {
+            Ok(Decision::Allow(a)) => Ok(Out::Allow(a.route.index, a.websocket)),
+            Ok(Decision::Report(r)) => {
+                let names = r
+                    .credential_headers
+                    .iter()
+                    .map(|n| match n.as_str() {
+                        "authorization" => "authorization",
+                        "x-api-key" => "x-api-key",
+                        other => panic!("unexpected header {other}"),
+                    })
+                    .collect();
+                Ok(Out::Report(r.would_refuse, r.websocket, names))
+            }
+            Err(e) => Err(e.kind),
+        }
     }
 
     fn tun(method: &str, uri: &str, headers: &[(&str, &str)]) -> Result<(usize, bool), ErrorKind> {
@@ -474,6 +631,303 @@ routes:
         for (m, u, hs, want) in cases {
             assert_eq!(tun(m, u, hs), *want, "{m} {u} {hs:?}");
         }
+    }
+
+    /// Report mode forwards what the routes refuse, without a route (so without a token),
+    /// taking off every header a route for the host and port injects; everything refused
+    /// before the routes, and a token route over cleartext, is refused as in enforce mode.
+    #[test]
+    fn report_mode_relaxes_only_the_routes() {
+        use ErrorKind::*;
+        let h = ("host", "api.example.com");
+        let ws = [h, ("upgrade", "websocket"), ("connection", "upgrade")];
+        let h2c = [
+            h,
+            ("upgrade", "h2c"),
+            ("connection", "Upgrade, HTTP2-Settings"),
+        ];
+        let (once, twice, none) = ([h], [h, h], []);
+        let evil = [("host", "evil.com")];
+        let other_host = [("host", "other.example.com")];
+        let api_headers = vec!["authorization", "x-api-key"];
+        let other = Authority {
+            host: Host::parse("other.example.com").unwrap(),
+            port: 443,
+        };
+        let port_80 = |host: &str| Authority {
+            host: Host::parse(host).unwrap(),
+            port: 80,
+        };
+        let (tun, plain) = (Channel::Tunnel, Channel::Plain);
+        type Case<'a> = (
+            Authority,
+            Channel,
+            &'a str,
+            &'a str,
+            &'a [(&'a str, &'a str)],
+            Result<Out, ErrorKind>,
+            Result<Out, ErrorKind>,
+        );
+        let cases: Vec<Case> = vec![
+            // What a route allows goes under it in both modes.
+            (
+                tunnel(),
+                tun,
+                "GET",
+                "/v1/models",
+                &once,
+                Ok(Out::Allow(0, false)),
+                Ok(Out::Allow(0, false)),
+            ),
+            (
+                tunnel(),
+                tun,
+                "GET",
+                "/keyed/x",
+                &once,
+                Ok(Out::Allow(3, false)),
+                Ok(Out::Allow(3, false)),
+            ),
+            // What the routes refuse is reported.
+            (
+                tunnel(),
+                tun,
+                "GET",
+                "/admin",
+                &once,
+                Err(PathNotAllowed),
+                Ok(Out::Report(PathNotAllowed, false, api_headers.clone())),
+            ),
+            (
+                tunnel(),
+                tun,
+                "POST",
+                "/read",
+                &once,
+                Err(MethodNotAllowed),
+                Ok(Out::Report(MethodNotAllowed, false, api_headers.clone())),
+            ),
+            (
+                tunnel(),
+                tun,
+                "GET",
+                "/admin",
+                &ws,
+                Err(PathNotAllowed),
+                Ok(Out::Report(PathNotAllowed, true, api_headers.clone())),
+            ),
+            (
+                other.clone(),
+                tun,
+                "GET",
+                "/x",
+                &other_host,
+                Err(HostNotAllowed),
+                Ok(Out::Report(HostNotAllowed, false, vec![])),
+            ),
+            (
+                port_80("api.example.com"),
+                plain,
+                "GET",
+                "http://api.example.com/v1",
+                &none,
+                Err(HostNotAllowed),
+                Ok(Out::Report(HostNotAllowed, false, vec![])),
+            ),
+            (
+                port_80("plain.example.com"),
+                plain,
+                "POST",
+                "http://plain.example.com/x",
+                &none,
+                Err(MethodNotAllowed),
+                Ok(Out::Report(MethodNotAllowed, false, vec![])),
+            ),
+            // Everything before the routes, and a token over cleartext, holds.
+            (
+                tunnel(),
+                tun,
+                "GET",
+                "/admin",
+                &evil,
+                Err(Misdirected),
+                Err(Misdirected),
+            ),
+            (
+                other.clone(),
+                tun,
+                "GET",
+                "/x",
+                &once,
+                Err(Misdirected),
+                Err(Misdirected),
+            ),
+            (
+                tunnel(),
+                tun,
+                "GET",
+                "https://evil.com/admin",
+                &once,
+                Err(Misdirected),
+                Err(Misdirected),
+            ),
+            (
+                tunnel(),
+                tun,
+                "GET",
+                "/admin",
+                &twice,
+                Err(BadRequest),
+                Err(BadRequest),
+            ),
+            (
+                tunnel(),
+                tun,
+                "GET",
+                "/admin",
+                &none,
+                Err(BadRequest),
+                Err(BadRequest),
+            ),
+            (
+                tunnel(),
+                tun,
+                "GET",
+                "/v1/../admin",
+                &once,
+                Err(BadRequest),
+                Err(BadRequest),
+            ),
+            (
+                other.clone(),
+                tun,
+                "GET",
+                "/a/%2e%2e/b",
+                &other_host,
+                Err(BadRequest),
+                Err(BadRequest),
+            ),
+            (
+                tunnel(),
+                tun,
+                "GET",
+                "/x//y",
+                &once,
+                Err(BadRequest),
+                Err(BadRequest),
+            ),
+            (
+                tunnel(),
+                tun,
+                "TRACE",
+                "/admin",
+                &once,
+                Err(MethodNotAllowed),
+                Err(MethodNotAllowed),
+            ),
+            (
+                other.clone(),
+                tun,
+                "TRACK",
+                "/x",
+                &other_host,
+                Err(MethodNotAllowed),
+                Err(MethodNotAllowed),
+            ),
+            (
+                tunnel(),
+                tun,
+                "GET",
+                "/admin",
+                &h2c,
+                Err(BadRequest),
+                Err(BadRequest),
+            ),
+            (
+                tunnel(),
+                tun,
+                "CONNECT",
+                "/admin",
+                &once,
+                Err(BadRequest),
+                Err(BadRequest),
+            ),
+            (
+                port_80("secret.example.com"),
+                plain,
+                "GET",
+                "http://secret.example.com/x",
+                &none,
+                Err(CleartextCredentials),
+                Err(CleartextCredentials),
+            ),
+        ];
+        for (authority, channel, method, uri, headers, enforce, report) in cases {
+            let version = Version::HTTP_11;
+            let got = run_in(
+                Mode::Enforce,
+                &authority,
+                channel,
+                method,
+                uri,
+                version,
+                headers,
+            );
+            assert_eq!(got, enforce, "enforce: {method} {uri} {headers:?}");
+            let got = run_in(
+                Mode::Report,
+                &authority,
+                channel,
+                method,
+                uri,
+                version,
+                headers,
+            );
+            assert_eq!(got, report, "report: {method} {uri} {headers:?}");
+        }
+        // HTTP/2: the :authority is held to the tunnel in report mode too.
+        let h2 = |uri| {
+            run_in(
+                Mode::Report,
+                &tunnel(),
+                Channel::Tunnel,
+                "GET",
+                uri,
+                Version::HTTP_2,
+                &none,
+            )
+        };
+        assert_eq!(h2("https://other.example.com/admin"), Err(Misdirected));
+        assert_eq!(
+            h2("https://api.example.com/admin"),
+            Ok(Out::Report(PathNotAllowed, false, api_headers))
+        );
+    }
+
+    #[test]
+    fn report_mode_opens_a_tunnel_no_route_covers() {
+        let t = routes();
+        let covered = tunnel();
+        let uncovered = Authority {
+            host: Host::parse("other.example.com").unwrap(),
+            port: 443,
+        };
+        for mode in [Mode::Enforce, Mode::Report] {
+            assert!(matches!(
+                decide_connect(&t, &covered, mode),
+                ConnectDecision::Allow
+            ));
+        }
+        match decide_connect(&t, &uncovered, Mode::Enforce) {
+            ConnectDecision::Deny(e) => assert_eq!(e.kind, ErrorKind::HostNotAllowed),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            decide_connect(&t, &uncovered, Mode::Report),
+            ConnectDecision::Report(ErrorKind::HostNotAllowed)
+        ));
+        assert_eq!(Mode::Report.as_str(), "report");
+        assert_eq!(Mode::Enforce.as_str(), "enforce");
     }
 
     #[test]

@@ -6,7 +6,9 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
-use egress_proxy::{Authority, Channel, Host, OneSecret, RequestView, RouteTable, admit, decide};
+use egress_proxy::{
+    Authority, Channel, Host, Mode, OneSecret, RequestView, RouteTable, admit, decide,
+};
 use http::{Method, Request, Version};
 
 struct CountingAllocator;
@@ -147,9 +149,14 @@ fn an_allowed_request_is_decided_without_allocating() {
             version: req.version(),
             headers: req.headers(),
         };
-        let (allocations, decision) =
-            allocations_in(|| decide(&routes, &authority, channel, view).map(|a| a.route.index));
-        assert!(decision.is_ok(), "{host} {target}: {decision:?}");
+        let (allocations, decision) = allocations_in(|| {
+            decide(&routes, &authority, channel, Mode::Enforce, view)
+                .map(|d| d.route().map(|r| r.index))
+        });
+        assert!(
+            matches!(decision, Ok(Some(_))),
+            "{host} {target}: {decision:?}"
+        );
         assert_eq!(allocations, 0, "{host} {target}: {allocations} allocations");
     }
 
@@ -169,7 +176,8 @@ fn an_allowed_request_is_decided_without_allocating() {
         headers: req.headers(),
     };
     let (allocations, decision) = allocations_in(|| {
-        decide(&routes, &authority, Channel::Tunnel, view).map(|a| a.route.index)
+        decide(&routes, &authority, Channel::Tunnel, Mode::Enforce, view)
+            .map(|d| d.route().map(|r| r.index))
     });
     assert!(decision.is_err());
     assert!(allocations > 0);
@@ -199,8 +207,10 @@ fn the_limits_step_allocates_nothing_for_an_admitted_request() {
             version: req.version(),
             headers: req.headers(),
         };
-        let allowed = decide(&routes, &authority, Channel::Tunnel, view).expect("allowed");
-        let (allocations, admitted) = allocations_in(|| admit(allowed.route, view, 1000));
+        let decision =
+            decide(&routes, &authority, Channel::Tunnel, Mode::Enforce, view).expect("allowed");
+        let route = decision.route().expect("a route matched");
+        let (allocations, admitted) = allocations_in(|| admit(route, view, 1000));
         assert!(admitted.is_ok(), "{host}: {admitted:?}");
         assert_eq!(allocations, 0, "{host}: {allocations} allocations");
     }

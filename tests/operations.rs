@@ -566,6 +566,12 @@ async fn a_fresh_proxy_exports_every_series_of_the_vocabulary_at_zero() {
         requests("allow", "ok"),
         connects("allow", "ok"),
         connects("allow", "tls_handshake_failed"),
+        // Report mode's, exported in enforce mode too: one vocabulary whatever the mode.
+        requests("report", "host_not_allowed"),
+        requests("report", "path_not_allowed"),
+        requests("report", "method_not_allowed"),
+        connects("report", "host_not_allowed"),
+        r#"egress_proxy_mode{mode="enforce"} 1"#.to_string(),
     ];
     for reason in [
         "host_not_allowed",

@@ -3,8 +3,8 @@
 //! names the tunnel's host and has an unambiguous path.
 #![no_main]
 use egress_proxy::{
-    Authority, Channel, HeadLog, Host, RequestView, RouteTable, SecretSource, check_request_path,
-    decide,
+    Authority, Channel, HeadLog, Host, Mode, RequestView, RouteTable, SecretSource,
+    check_request_path, decide,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -41,8 +41,24 @@ fuzz_target!(|data: &[u8]| {
     .unwrap();
     let authority = Authority { host: Host::parse("api.example.com").unwrap(), port: 443 };
     let view = RequestView { method: &method, uri: &uri, version: http::Version::HTTP_11, headers: &map };
-    if let Ok(allowed) = decide(&routes, &authority, Channel::Tunnel, view) {
-        assert!(check_request_path(allowed.path).is_ok());
-        assert!(allowed.path.starts_with("/v1") || allowed.path.starts_with("/repos/"));
+    let enforced = decide(&routes, &authority, Channel::Tunnel, Mode::Enforce, view);
+    if let Ok(decision) = &enforced {
+        assert!(decision.route().is_some());
+        assert!(check_request_path(decision.path()).is_ok());
+        assert!(decision.path().starts_with("/v1") || decision.path().starts_with("/repos/"));
+    }
+    // Report mode relaxes only the routes: what it forwards has an unambiguous path, what
+    // enforce mode allows goes under the same route, and what enforce mode refuses before
+    // the routes it refuses too.
+    let enforced = enforced.map(|d| d.route().map(|r| r.index)).map_err(|e| e.kind);
+    match decide(&routes, &authority, Channel::Tunnel, Mode::Report, view) {
+        Ok(decision) => {
+            assert!(check_request_path(decision.path()).is_ok());
+            match enforced {
+                Ok(route) => assert_eq!(decision.route().map(|r| r.index), route),
+                Err(kind) => assert!(decision.route().is_none(), "{kind:?}"),
+            }
+        }
+        Err(e) => assert_eq!(enforced, Err(e.kind)),
     }
 });

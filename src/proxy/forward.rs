@@ -7,27 +7,26 @@
 //! Each request is logged once, when its response body has been fully sent (or the
 //! relay ends), with its bytes each way: the log record rides along with the body.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Incoming};
 use hyper_util::rt::TokioIo;
-use pin_project_lite::pin_project;
 
 use super::ClientConn;
 use super::body::{Capped, Moved, RecordSized, Tracked, Way};
 use super::framing::HeadLog;
+use super::headers::{
+    AgentTrailersStripped, Credentials, rewrite_request_headers, rewrite_response_headers,
+};
 use super::stall::Cuttable;
 use crate::audit::RequestEvent;
 use crate::error::{ErrorKind, ProxyBody, ProxyError, empty_body};
-use crate::policy::{self, Authority, Channel, RequestView, TargetError, parse_target};
-use crate::routes::Injection;
+use crate::policy::{self, Authority, Channel, Decision, RequestView, TargetError, parse_target};
 use crate::upstream::{ConnectionSlot, Target};
 
 /// An intercepted tunnel as every request on it sees it (`intercept` serves it).
@@ -106,8 +105,7 @@ pub(crate) async fn plain_http(req: Request<Incoming>, conn: ClientConn) -> Resp
 
 /// What the policy allowed, copied out so the request can be taken apart.
 struct Grant {
-    route_index: usize,
-    injection: Option<Injection>,
+    credentials: Credentials,
     allow_private: bool,
     websocket: bool,
     /// The route's `max_body_bytes`, held to as the body streams.
@@ -155,22 +153,33 @@ async fn process(
         version: req.version(),
         headers: req.headers(),
     };
-    let grant = match policy::decide(&routes, authority, channel, view) {
-        Ok(allowed) => {
+    let grant = match policy::decide(&routes, authority, channel, state.mode, view) {
+        Ok(Decision::Allow(allowed)) => {
+            record.route = Some(allowed.route.index);
             // The matched route's own limits, a step of their own on every request a
-            // route matched. A refusal with a body still unread closes an HTTP/1.1
-            // connection: the rest of that body is not a next request.
+            // route matched, in both modes. A refusal with a body still unread closes an
+            // HTTP/1.1 connection: the rest of that body is not a next request.
             let declared = req.body().size_hint().lower();
             if let Err(e) = policy::admit(allowed.route, view, declared) {
-                record.route = Some(allowed.route.index);
                 return record.refused(&e, h1 && !req.body().is_end_stream());
             }
             Grant {
-                route_index: allowed.route.index,
-                injection: allowed.route.injection.clone(),
+                credentials: Credentials::Route(allowed.route.injection.clone()),
                 allow_private: allowed.route.allow_private,
                 websocket: allowed.websocket,
                 body_cap: allowed.route.max_body_bytes,
+            }
+        }
+        // No route: no bucket and no cap; the destination is checked as for a route
+        // without `allow_private`.
+        Ok(Decision::Report(reported)) => {
+            record.decision = "report";
+            record.reason = Some(reported.would_refuse.code());
+            Grant {
+                credentials: Credentials::Reported(reported.credential_headers),
+                allow_private: false,
+                websocket: reported.websocket,
+                body_cap: None,
             }
         }
         Err(e) => {
@@ -178,7 +187,6 @@ async fn process(
         }
     };
     drop(routes);
-    record.route = Some(grant.route_index);
 
     let target = Target {
         host: authority.host.clone(),
@@ -193,11 +201,8 @@ async fn process(
         bodiless && matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
     let body_idle = state.limits.body_idle_timeout;
     // Named in the head's `Connection`: hop-by-hop in the trailers too.
-    let hop_by_hop = rewrite_request_headers(
-        &mut parts.headers,
-        grant.injection.as_ref(),
-        grant.websocket,
-    );
+    let hop_by_hop =
+        rewrite_request_headers(&mut parts.headers, &grant.credentials, grant.websocket);
     if let Ok(v) = HeaderValue::from_str(&target.authority()) {
         parts.headers.insert(header::HOST, v);
     }
@@ -208,7 +213,7 @@ async fn process(
     parts.version = Version::HTTP_11;
     let body = AgentTrailersStripped {
         inner: body,
-        route_header: grant.injection.map(|i| i.header),
+        credentials: grant.credentials,
         hop_by_hop,
     };
     let moved = record.moved.clone();
@@ -319,149 +324,6 @@ fn head_size<B>(req: &Request<B>) -> usize {
     line + headers + 2
 }
 
-/// Headers that describe one hop, never forwarded either way (RFC 9110 §7.6.1), plus
-/// the proxy's own credentials.
-/// `HeaderName`s, not strings: a string is parsed into a name on every removal.
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHORIZATION,
-    header::PROXY_AUTHENTICATE,
-    header::TE,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-/// Removes hop-by-hop headers and those the `Connection` header names; returns the
-/// latter (hop-by-hop in the message's trailers too).
-fn remove_hop_by_hop(headers: &mut HeaderMap) -> Vec<HeaderName> {
-    // One pass over the names first: most messages carry none of these, and each
-    // `remove` hashes its name and probes the map (most of this function's cost on a
-    // small request before this check).
-    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
-        return Vec::new();
-    }
-    let named = connection_named(headers);
-    for name in &named {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
-    }
-    named
-}
-
-/// The fields a message's `Connection` header names: hop-by-hop for that message, its
-/// trailers included.
-fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect()
-}
-
-/// Removes from an agent's header or trailer fields what never goes upstream from the
-/// agent: hop-by-hop fields, every credential it sent (`Authorization`,
-/// `Proxy-Authorization`, the route's header) and `Host`. Returns the fields its
-/// `Connection` header named.
-fn strip_agent_fields(
-    fields: &mut HeaderMap,
-    route_header: Option<&HeaderName>,
-) -> Vec<HeaderName> {
-    let named = remove_hop_by_hop(fields);
-    fields.remove(header::AUTHORIZATION);
-    fields.remove(header::HOST);
-    if let Some(name) = route_header {
-        fields.remove(name);
-    }
-    named
-}
-
-/// The agent's request headers as they go upstream: stripped of the agent's fields
-/// ([`strip_agent_fields`]), the route's token added. Returns the fields the agent's
-/// `Connection` header named.
-fn rewrite_request_headers(
-    headers: &mut HeaderMap,
-    injection: Option<&Injection>,
-    websocket: bool,
-) -> Vec<HeaderName> {
-    let te_trailers = headers
-        .get(header::TE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    let connection_named = strip_agent_fields(headers, injection.map(|i| &i.header));
-    if te_trailers {
-        // `TE: trailers` is the one TE value HTTP/2 allows; gRPC needs it.
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
-    }
-    if let Some(inj) = injection {
-        headers.insert(inj.header.clone(), inj.value.clone());
-    }
-    if websocket {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    }
-    connection_named
-}
-
-pin_project! {
-    /// An agent's request body on its way up, its trailer fields (a chunked HTTP/1.1
-    /// body's, an HTTP/2 stream's trailing HEADERS) stripped as its header fields are
-    /// (SPEC §4.3): trailers are fields too, and a credential the agent puts there would
-    /// otherwise reach the upstream.
-    struct AgentTrailersStripped<B> {
-        #[pin]
-        inner: B,
-        route_header: Option<HeaderName>,
-        // The fields the head's `Connection` header named.
-        hop_by_hop: Vec<HeaderName>,
-    }
-}
-
-impl<B: Body> Body for AgentTrailersStripped<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        let this = self.project();
-        let frame = std::task::ready!(this.inner.poll_frame(cx));
-        Poll::Ready(frame.map(|f| {
-            f.map(|frame| match frame.into_trailers() {
-                Ok(mut trailers) => {
-                    strip_agent_fields(&mut trailers, this.route_header.as_ref());
-                    for name in this.hop_by_hop.iter() {
-                        trailers.remove(name);
-                    }
-                    Frame::trailers(trailers)
-                }
-                Err(frame) => frame,
-            })
-        }))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-fn rewrite_response_headers(headers: &mut HeaderMap, switching: bool) {
-    remove_hop_by_hop(headers);
-    if switching {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    }
-}
-
 /// The audit record of one request, logged once when dropped (after the response body
 /// has been sent, or at once for a refusal).
 struct RequestRecord {
@@ -569,46 +431,5 @@ impl Drop for RequestRecord {
             duration_ms: self.started.elapsed().as_millis() as u64,
         }
         .log();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use http_body_util::StreamBody;
-
-    #[tokio::test]
-    async fn request_trailers_lose_the_agents_credentials_and_hop_by_hop_fields() {
-        let mut trailers = HeaderMap::new();
-        for (name, value) in [
-            ("authorization", "Bearer agent"),
-            ("proxy-authorization", "Basic agent"),
-            ("x-api-key", "agent"),
-            ("connection", "x-named"),
-            ("x-named", "hop"),
-            ("te", "trailers"),
-            ("host", "elsewhere"),
-            ("x-named-in-connection", "hop"),
-            ("x-checksum", "kept"),
-        ] {
-            trailers.insert(
-                HeaderName::from_static(name),
-                HeaderValue::from_static(value),
-            );
-        }
-        let frames: Vec<Result<Frame<bytes::Bytes>, std::convert::Infallible>> = vec![
-            Ok(Frame::data(bytes::Bytes::from_static(b"data"))),
-            Ok(Frame::trailers(trailers)),
-        ];
-        let body = AgentTrailersStripped {
-            inner: StreamBody::new(futures_util::stream::iter(frames)),
-            route_header: Some(HeaderName::from_static("x-api-key")),
-            hop_by_hop: vec![HeaderName::from_static("x-named-in-connection")],
-        };
-        let collected = body.collect().await.unwrap();
-        let trailers = collected.trailers().cloned().unwrap();
-        let names: Vec<&str> = trailers.keys().map(|k| k.as_str()).collect();
-        assert_eq!(names, ["x-checksum"]);
-        assert_eq!(collected.to_bytes(), "data");
     }
 }

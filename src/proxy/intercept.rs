@@ -29,7 +29,7 @@ use super::observe::{IoObserver, Observed};
 use super::{ClientConn, drive_connection};
 use crate::audit::ConnectEvent;
 use crate::ca::CaError;
-use crate::error::ProxyBody;
+use crate::error::{ErrorKind, ProxyBody};
 use crate::metrics::TLS_HANDSHAKE_FAILED;
 use crate::policy::Authority;
 use crate::routes::Host;
@@ -46,10 +46,12 @@ enum TlsFailure {
 }
 
 /// Serves an upgraded CONNECT stream until the agent or the idle timeout closes it, then
-/// logs the one `connect` event with what the tunnel carried.
+/// logs the one `connect` event with what the tunnel carried. `reported`: opened only
+/// because of report mode, with what enforce mode would have refused it with.
 pub(crate) async fn run(
     upgraded: Upgraded,
     authority: Authority,
+    reported: Option<ErrorKind>,
     conn: ClientConn,
     started: Instant,
 ) {
@@ -59,7 +61,8 @@ pub(crate) async fn run(
     // The leaf is chosen (minted, for a host seen for the first time) now, while the
     // agent, which has just read the 200, builds its ClientHello: the mint overlaps the
     // agent's own work instead of adding to its handshake. Only the CONNECT host, which
-    // the routes allowed, can get a leaf; the SNI is checked against it below.
+    // the routes allowed (or report mode let through), can get a leaf; the SNI is
+    // checked against it below.
     let leaf = state.leaves.server_config(&authority.host);
     // Boxed, like the TLS stream it returns and the HTTP server below: a task's future is
     // allocated whole for the life of the tunnel, so neither the handshake's state nor a
@@ -96,12 +99,21 @@ pub(crate) async fn run(
             None
         }
     };
-    let (decision, reason, status, detail, sni) = match &outcome {
-        None => ("allow", None, 200, None, None),
-        Some(TlsFailure::Misdirected(sni)) => {
+    let (decision, reason, status, detail, sni) = match (&outcome, reported) {
+        (Some(TlsFailure::Misdirected(sni)), _) => {
             ("deny", Some("misdirected"), 421, None, Some(sni.as_str()))
         }
-        Some(TlsFailure::Handshake(why)) => (
+        // A reported tunnel is counted as reported whatever it carried; a failed
+        // handshake is its detail.
+        (outcome, Some(would_refuse)) => {
+            let detail = match outcome {
+                Some(TlsFailure::Handshake(why)) => Some(why.as_str()),
+                _ => None,
+            };
+            ("report", Some(would_refuse.code()), 200, detail, None)
+        }
+        (None, None) => ("allow", None, 200, None, None),
+        (Some(TlsFailure::Handshake(why)), None) => (
             "allow",
             Some(TLS_HANDSHAKE_FAILED),
             200,

@@ -3,7 +3,8 @@
 //! tunnel, or an absolute-form plain-HTTP request.
 //!
 //! The CONNECT is decided before anything is resolved or dialled: a host and port no
-//! route covers gets 403 and the tunnel never opens.
+//! route covers gets 403 and the tunnel never opens (in report mode it opens, and says
+//! so in its `connect` event).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -25,7 +26,7 @@ use super::{ClientConn, OpenConnection, ProxyState, drive_connection, forward, i
 use crate::audit::ConnectEvent;
 use crate::destination;
 use crate::error::{ErrorKind, ProxyBody, ProxyError, empty_body};
-use crate::policy::{Authority, TargetError, parse_target};
+use crate::policy::{self, Authority, ConnectDecision, TargetError, parse_target};
 
 /// Refusals (503 `too_many_connections`) that may wait for the agent's request before
 /// answering, at once. Each holds a descriptor, so their number is part of the
@@ -359,16 +360,16 @@ fn handle_connect(mut req: Request<Incoming>, conn: ClientConn) -> Response<Prox
             return e.response(&shown, false);
         }
     };
-    let shown = target.host.to_string();
-    let routes = conn.state.routes.load();
-    if !routes.covers(&target.host, target.port) {
-        let e = ProxyError::new(
-            ErrorKind::HostNotAllowed,
-            format!("{}:{} is not in the routes", target.host, target.port),
-        );
-        log_connect_refused(&conn, &shown, target.port, &e);
-        return e.response(&shown, false);
-    }
+    let reported = match policy::decide_connect(&conn.state.routes.load(), &target, conn.state.mode)
+    {
+        ConnectDecision::Allow => None,
+        ConnectDecision::Report(would_refuse) => Some(would_refuse),
+        ConnectDecision::Deny(e) => {
+            let shown = target.host.to_string();
+            log_connect_refused(&conn, &shown, target.port, &e);
+            return e.response(&shown, false);
+        }
+    };
     // From here the connection carries TLS, not plain-HTTP heads.
     conn.plain_head_log.stop();
     // The allowed CONNECT is logged when its tunnel closes, with what it carried.
@@ -376,7 +377,7 @@ fn handle_connect(mut req: Request<Incoming>, conn: ClientConn) -> Response<Prox
     let started = Instant::now();
     tokio::spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => intercept::run(upgraded, target, conn, started).await,
+            Ok(upgraded) => intercept::run(upgraded, target, reported, conn, started).await,
             Err(e) => tracing::debug!(conn = conn.id, error = %e, "CONNECT upgrade failed"),
         }
     });

@@ -1,5 +1,6 @@
 //! The proxy's network plumbing: accepting agent connections ([`listener`]), terminating
-//! their TLS ([`intercept`]) and forwarding each request ([`forward`]).
+//! their TLS ([`intercept`]) and forwarding each request ([`forward`], which rewrites its
+//! fields with [`headers`]).
 //!
 //! None of it decides policy: it asks [`crate::policy`] and the route table, and answers
 //! refusals through [`crate::error::ProxyError`]. What all connections share lives in
@@ -8,6 +9,7 @@
 pub(crate) mod body;
 pub(crate) mod forward;
 pub(crate) mod framing;
+mod headers;
 pub(crate) mod intercept;
 mod linger;
 pub(crate) mod listener;
@@ -26,6 +28,7 @@ use tokio::time::Instant;
 
 use crate::ca::LeafCache;
 use crate::metrics::Metrics;
+use crate::policy::Mode;
 use crate::routes::RouteTable;
 use crate::upstream::Upstream;
 
@@ -68,6 +71,8 @@ pub(crate) struct ProxyState {
     pub limits: ClientLimits,
     /// The proxy's own listeners: a CONNECT to one of them is refused.
     pub own_listeners: Vec<SocketAddr>,
+    /// `--mode`, fixed at start (a reload does not change it): copied into each decision.
+    pub mode: Mode,
     pub metrics: Arc<Metrics>,
     connection_slots: Arc<Semaphore>,
     /// Refusals that may wait for the agent's request (`listener::REFUSALS_AT_ONCE`).
@@ -90,10 +95,12 @@ impl ProxyState {
         upstream: Arc<Upstream>,
         limits: ClientLimits,
         own_listeners: Vec<SocketAddr>,
+        mode: Mode,
     ) -> Arc<ProxyState> {
         let (hits, misses) = leaves.counters();
         Arc::new(ProxyState {
-            metrics: Arc::new(Metrics::new(hits, misses)),
+            metrics: Arc::new(Metrics::new(hits, misses, mode)),
+            mode,
             routes: ArcSwap::from_pointee(routes),
             leaves,
             upstream,

@@ -391,6 +391,20 @@ impl RouteTable {
         self.routes.iter().any(|r| r.covers(host, port))
     }
 
+    /// The headers the routes for this host and port put their tokens in, each once: what
+    /// an agent's request to it must not carry of its own when no route matched it.
+    pub fn credential_headers(&self, host: &Host, port: u16) -> Vec<HeaderName> {
+        let mut names: Vec<HeaderName> = Vec::new();
+        for route in self.routes.iter().filter(|r| r.covers(host, port)) {
+            if let Some(inj) = &route.injection
+                && !names.contains(&inj.header)
+            {
+                names.push(inj.header.clone());
+            }
+        }
+        names
+    }
+
     /// The first route whose host, port, method and path all match. `path` must have
     /// passed [`check_request_path`] and carry no query.
     pub fn decide(
@@ -766,6 +780,46 @@ routes:
         assert!(t.covers(&h("API.GITHUB.COM."), 443));
         assert!(!t.covers(&h("api.github.com"), 8443));
         assert!(!t.covers(&h("evil.com"), 443));
+    }
+
+    #[test]
+    fn credential_headers_are_every_header_of_the_routes_for_the_host_and_port() {
+        let t = table(
+            r#"
+routes:
+  - host: api.example.com
+    path_allowlist: ["/v1"]
+    header: x-api-key
+    token_env: EGRESS_PROXY_TOKEN_0
+  - host: "*.example.com"
+    path_allowlist: ["/v2"]
+    header: X-Api-Key
+    token_env: EGRESS_PROXY_TOKEN_0
+  - host: api.example.com
+    path_allowlist: ["/v3"]
+    auth_scheme: Bearer
+    token_env: EGRESS_PROXY_TOKEN_0
+  - host: api.example.com
+    path_allowlist: ["/open"]
+  - host: api.example.com
+    ports: [8443]
+    header: x-other-key
+    token_env: EGRESS_PROXY_TOKEN_0
+"#,
+        );
+        let names = |host: &str, port| -> Vec<String> {
+            t.credential_headers(&h(host), port)
+                .iter()
+                .map(|n| n.to_string())
+                .collect()
+        };
+        assert_eq!(
+            names("api.example.com", 443),
+            ["x-api-key", "authorization"]
+        );
+        assert_eq!(names("www.example.com", 443), ["x-api-key"]);
+        assert_eq!(names("api.example.com", 8443), ["x-other-key"]);
+        assert!(names("elsewhere.test", 443).is_empty());
     }
 
     #[test]
