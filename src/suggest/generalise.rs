@@ -277,8 +277,11 @@ pub(crate) struct Generalised {
     pub(crate) left_out: Vec<Seen>,
 }
 
+/// A method as it sorts: its place in the fixed order, then its name.
+type MethodKey = (usize, String);
+
 /// The fixed order methods are listed in; others follow by name.
-pub(crate) fn method_rank(m: &str) -> (usize, String) {
+pub(crate) fn method_rank(m: &str) -> MethodKey {
     const ORDER: [&str; 7] = ["GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE"];
     (
         ORDER.iter().position(|o| *o == m).unwrap_or(ORDER.len()),
@@ -293,7 +296,7 @@ pub(crate) fn method_rank(m: &str) -> (usize, String) {
 pub(crate) fn generalise(seen: &[Seen], max_literal: usize) -> Generalised {
     let mut out = Generalised::default();
     let mut shaped: Vec<(&Seen, Shape)> = Vec::new();
-    let mut methods_of: BTreeMap<Vec<Seg>, BTreeSet<(usize, String)>> = BTreeMap::new();
+    let mut methods_of: BTreeMap<Vec<Seg>, BTreeSet<MethodKey>> = BTreeMap::new();
     for s in seen {
         match shape_of(&s.path) {
             Some(shape) => {
@@ -306,9 +309,9 @@ pub(crate) fn generalise(seen: &[Seen], max_literal: usize) -> Generalised {
             None => out.left_out.push(s.clone()),
         }
     }
-    let mut groups: BTreeMap<Vec<(usize, String)>, Vec<(&Seen, Shape)>> = BTreeMap::new();
+    let mut groups: BTreeMap<Vec<MethodKey>, Vec<(&Seen, Shape)>> = BTreeMap::new();
     for (s, shape) in shaped {
-        let key: Vec<(usize, String)> = methods_of
+        let key: Vec<MethodKey> = methods_of
             .get(&shape.segs)
             .map(|m| m.iter().cloned().collect())
             .unwrap_or_default();

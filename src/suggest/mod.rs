@@ -119,20 +119,21 @@ impl Suggester {
     }
 
     fn add(&mut self, o: Observed) {
-        let by_path = self.seen.entry((o.host.to_string(), o.port)).or_default();
+        let host = (o.host.to_string(), o.port);
         let key = (o.method, o.path);
-        if let Some(count) = by_path.get_mut(&key) {
+        if let Some(count) = self.seen.get_mut(&host).and_then(|m| m.get_mut(&key)) {
             *count += 1;
             return;
         }
-        let bytes = key.0.len() + key.1.len();
+        // A new host is held only within the same bound as a new path.
+        let bytes = host.0.len() + key.0.len() + key.1.len();
         if self.distinct >= MAX_DISTINCT || self.distinct_bytes + bytes > MAX_DISTINCT_BYTES {
             self.over_budget += 1;
             return;
         }
         self.distinct += 1;
         self.distinct_bytes += bytes;
-        by_path.insert(key, 1);
+        self.seen.entry(host).or_default().insert(key, 1);
     }
 
     /// The routes file (YAML), and lines for stderr about what it leaves out.
@@ -145,8 +146,64 @@ impl Suggester {
                 MAX_DISTINCT_BYTES >> 20
             ));
         }
+        let (total, new_routes) = self.new_routes();
+        let mut out = String::new();
+        render::comment(
+            &mut out,
+            "",
+            &format!(
+                "Drafted by `egress-proxy routes suggest` from {total} requests: review every route before use."
+            ),
+        );
+        let n_existing = self.existing.as_ref().map_or(0, |e| e.fields.len());
+        let n_new: usize = new_routes.iter().map(|(_, _, g)| g.groups.len()).sum();
+        out.push_str(if n_existing + n_new == 0 {
+            "routes: []\n"
+        } else {
+            "routes:\n"
+        });
+        if let Some(e) = &self.existing {
+            if !e.fields.is_empty() {
+                render::comment(&mut out, "  ", &format!("From {}, unchanged.", e.name));
+            }
+            for fields in &e.fields {
+                render::route(&mut out, fields);
+            }
+        }
+        let mut left_out = Vec::new();
+        for (host, port, g) in &new_routes {
+            let token_route = self.token_route(host, *port);
+            for group in &g.groups {
+                self.write_route(&mut out, host, *port, group, token_route);
+            }
+            left_out.extend(g.left_out.iter().map(|s| {
+                format!(
+                    "{} {} on {host}:{port} ({}): only a route allowing every path would allow it",
+                    s.method,
+                    truncate(&generalise::mask_tokens(&s.path)),
+                    requests(s.count),
+                )
+            }));
+        }
+        if !left_out.is_empty() {
+            render::comment(
+                &mut out,
+                "",
+                "Not suggested (allow by hand if the agent needs it):",
+            );
+            for l in &left_out {
+                render::comment(&mut out, "", &format!("  {l}"));
+            }
+            notes.extend(left_out.into_iter().map(|l| format!("not suggested: {l}")));
+        }
+        (out, notes)
+    }
+
+    /// How many requests were counted, and what the `--routes` file does not already
+    /// allow, generalised, per host and port.
+    fn new_routes(&self) -> (u64, Vec<(&str, u16, Generalised)>) {
         let mut total = 0;
-        let mut new_routes: Vec<(&str, u16, Generalised)> = Vec::new();
+        let mut out = Vec::new();
         for ((host, port), by_path) in &self.seen {
             let parsed = Host::parse(host).ok();
             let mut fresh = Vec::new();
@@ -169,93 +226,61 @@ impl Suggester {
                 }
             }
             if !fresh.is_empty() {
-                new_routes.push((host, *port, generalise(&fresh, self.max_literal)));
+                out.push((host.as_str(), *port, generalise(&fresh, self.max_literal)));
             }
         }
-        let mut out = String::new();
+        (total, out)
+    }
+
+    /// The first `--routes` route that injects a token for this host and port.
+    fn token_route(&self, host: &str, port: u16) -> Option<usize> {
+        let e = self.existing.as_ref()?;
+        let h = Host::parse(host).ok()?;
+        e.table
+            .routes()
+            .iter()
+            .find(|r| r.injection.is_some() && r.ports.contains(&port) && r.host.matches(&h))
+            .map(|r| r.index)
+    }
+
+    fn write_route(
+        &self,
+        out: &mut String,
+        host: &str,
+        port: u16,
+        group: &generalise::Group,
+        token_route: Option<usize>,
+    ) {
         render::comment(
-            &mut out,
-            "",
+            out,
+            "  ",
             &format!(
-                "Drafted by `egress-proxy routes suggest` from {total} requests: review every route before use."
+                "{}, e.g. {}",
+                requests(group.count),
+                truncate(&group.example)
             ),
         );
-        let n_existing = self.existing.as_ref().map_or(0, |e| e.fields.len());
-        let n_new: usize = new_routes.iter().map(|(_, _, g)| g.groups.len()).sum();
-        if n_existing + n_new == 0 {
-            out.push_str("routes: []\n");
-        } else {
-            out.push_str("routes:\n");
-        }
-        if let Some(e) = &self.existing {
-            if !e.fields.is_empty() {
-                render::comment(&mut out, "  ", &format!("From {}, unchanged.", e.name));
-            }
-            for fields in &e.fields {
-                render::route(&mut out, fields);
-            }
-        }
-        let mut left_out = Vec::new();
-        for (host, port, g) in &new_routes {
-            let token_route = self.existing.as_ref().and_then(|e| {
-                let h = Host::parse(host).ok()?;
-                e.table
-                    .routes()
-                    .iter()
-                    .find(|r| r.injection.is_some() && r.ports.contains(port) && r.host.matches(&h))
-                    .map(|r| r.index)
-            });
-            for group in &g.groups {
-                let plural = if group.count == 1 { "" } else { "s" };
-                render::comment(
-                    &mut out,
-                    "  ",
-                    &format!(
-                        "{} request{plural}, e.g. {}",
-                        group.count,
-                        truncate(&group.example)
-                    ),
-                );
-                if let Some(i) = token_route {
-                    render::comment(
-                        &mut out,
-                        "  ",
-                        &format!(
-                            "No token: routes[{i}] above injects one for {host}; add token settings here only if these paths need it."
-                        ),
-                    );
-                }
-                let mut fields = vec![("host".to_owned(), Value::from(host.to_string()))];
-                if *port != 443 {
-                    fields.push(("ports".into(), Value::from(vec![*port])));
-                }
-                fields.push(("methods".into(), Value::from(group.methods.clone())));
-                fields.push(("path_allowlist".into(), Value::from(group.patterns.clone())));
-                render::route(&mut out, &fields);
-            }
-            for s in &g.left_out {
-                left_out.push(format!(
-                    "{} {} on {host}:{port} ({} request{}): only a route allowing every path would allow it",
-                    s.method,
-                    truncate(&generalise::mask_tokens(&s.path)),
-                    s.count,
-                    if s.count == 1 { "" } else { "s" },
-                ));
-            }
-        }
-        if !left_out.is_empty() {
+        if let Some(i) = token_route {
             render::comment(
-                &mut out,
-                "",
-                "Not suggested (allow by hand if the agent needs it):",
+                out,
+                "  ",
+                &format!(
+                    "No token: routes[{i}] above injects one for {host}; add token settings here only if these paths need it."
+                ),
             );
-            for l in &left_out {
-                render::comment(&mut out, "", &format!("  {l}"));
-            }
-            notes.extend(left_out.into_iter().map(|l| format!("not suggested: {l}")));
         }
-        (out, notes)
+        let mut fields = vec![("host".to_owned(), Value::from(host))];
+        if port != 443 {
+            fields.push(("ports".into(), Value::from(vec![port])));
+        }
+        fields.push(("methods".into(), Value::from(group.methods.clone())));
+        fields.push(("path_allowlist".into(), Value::from(group.patterns.clone())));
+        render::route(out, &fields);
     }
+}
+
+fn requests(n: u64) -> String {
+    format!("{n} request{}", if n == 1 { "" } else { "s" })
 }
 
 /// An example path in a comment, cut to a readable length.

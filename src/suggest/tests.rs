@@ -48,8 +48,11 @@ fn observed(text: &str) -> Vec<Observed> {
         .collect()
 }
 
+/// A fixture's requests, per host and port.
+pub(super) type ByHost = Vec<((String, u16), Vec<Seen>)>;
+
 /// Each fixture's requests, per host and port, as the generalisation takes them.
-pub(super) fn fixtures() -> BTreeMap<&'static str, Vec<((String, u16), Vec<Seen>)>> {
+pub(super) fn fixtures() -> BTreeMap<&'static str, ByHost> {
     FIXTURES
         .iter()
         .map(|(name, text)| {
@@ -356,4 +359,28 @@ proptest! {
 
 fn check_request_path_ok(p: &str) -> bool {
     crate::routes::check_request_path(p).is_ok()
+}
+
+#[test]
+fn distinct_requests_are_held_up_to_a_bound() {
+    let mut s = Suggester::new(8);
+    let request = |i: usize| Observed {
+        host: Host::parse(&format!("h{i}.example")).unwrap(),
+        port: 443,
+        method: "GET".into(),
+        path: "/a".into(),
+    };
+    for i in 0..MAX_DISTINCT + 5 {
+        s.add(request(i));
+    }
+    // One already held still counts; new hosts past the bound are not held at all.
+    s.add(request(0));
+    assert_eq!(s.seen.len(), MAX_DISTINCT);
+    assert_eq!(
+        s.seen[&("h0.example".to_owned(), 443)][&("GET".to_owned(), "/a".to_owned())],
+        2
+    );
+    assert_eq!(s.over_budget, 5);
+    let (_, notes) = s.finish();
+    assert!(notes[0].starts_with("5 requests not counted"), "{notes:?}");
 }
