@@ -237,3 +237,119 @@ fn a_huge_line_is_skipped_not_held() {
     assert!(err.contains("line 1: longer than"), "{err}");
     assert!(out.contains("git-upload-pack"), "{out}");
 }
+
+/// One session's requests through `proxy`, each on its own HTTP/1.1 tunnel; the statuses.
+async fn replay(proxy: &Proxy, port: u16, session: &[(&str, &str, &str)]) -> Vec<u16> {
+    let mut statuses = Vec::new();
+    for (host, method, path) in session {
+        let mut c = h1(proxy.tunnel(host, port, &[b"http/1.1"]).await).await;
+        let req = http::Request::builder()
+            .method(*method)
+            .uri(*path)
+            .header("host", format!("{host}:{port}"))
+            .body(empty())
+            .unwrap();
+        let (status, _, _) = collect(c.send_request(req).await.unwrap()).await;
+        statuses.push(status.as_u16());
+    }
+    statuses
+}
+
+/// The loop of SPEC §3a against the real proxy: a session's log, drafted into routes, lets
+/// the same session through again and refuses what it did not do. Routes that allow the
+/// two hosts wholesale stand in for `--mode report` here: the requests are logged the same
+/// way, with decision `allow`.
+#[tokio::test]
+async fn a_session_drafted_into_routes_runs_again_and_nothing_more() {
+    let ca = TestCa::new("upstream test CA");
+    let names = ["api.suggest.test", "git.suggest.test"];
+    let up = Upstream::start(&ca, &names, &[b"http/1.1"]).await;
+    let port = up.port();
+    let pins = [(names[0], port), (names[1], port)];
+    let session = [
+        (
+            "api.suggest.test",
+            "GET",
+            "/repos/acme/widgets/issues/123/comments?per_page=100",
+        ),
+        (
+            "api.suggest.test",
+            "GET",
+            "/repos/acme/widgets/issues/4567/comments",
+        ),
+        (
+            "api.suggest.test",
+            "POST",
+            "/repos/acme/widgets/issues/123/comments",
+        ),
+        (
+            "api.suggest.test",
+            "GET",
+            "/repos/acme/widgets/commits/9fceb02d0ae598e95dc970b74767f19372d61af8",
+        ),
+        (
+            "api.suggest.test",
+            "GET",
+            "/v1/files/file-XjGxS3KTG0uNmNOK362iJua3",
+        ),
+        (
+            "git.suggest.test",
+            "GET",
+            "/acme/widgets.git/info/refs?service=git-upload-pack",
+        ),
+        (
+            "git.suggest.test",
+            "POST",
+            "/acme/widgets.git/git-upload-pack",
+        ),
+        ("git.suggest.test", "GET", "/@scope%2fname"),
+    ];
+    let wide = format!(
+        "routes:\n  - host: {}\n    ports: [{port}]\n  - host: {}\n    ports: [{port}]\n",
+        names[0], names[1]
+    );
+    let first = ProxyBuilder::new(&wide).upstream(&ca, &pins).start();
+    assert!(
+        replay(&first, port, &session)
+            .await
+            .iter()
+            .all(|s| *s == 200)
+    );
+    let logs = first.logs_with("/@scope%2fname");
+    drop(first);
+
+    let (code, draft, err) = run(&["routes", "suggest"], logs.as_bytes(), &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        !draft.contains("per_page") && !draft.contains("service="),
+        "{draft}"
+    );
+    assert!(!draft.contains("XjGxS3KTG0uNmNOK362iJua3"), "{draft}");
+    assert!(draft.contains(&format!("ports: [{port}]")), "{draft}");
+
+    let second = ProxyBuilder::new(&draft).upstream(&ca, &pins).start();
+    assert_eq!(
+        replay(&second, port, &session).await,
+        vec![200; session.len()],
+        "the same session was refused something under\n{draft}"
+    );
+    let outside = [
+        (
+            "api.suggest.test",
+            "GET",
+            "/repos/other/repo/issues/1/comments",
+        ),
+        (
+            "api.suggest.test",
+            "DELETE",
+            "/repos/acme/widgets/issues/123/comments",
+        ),
+        ("git.suggest.test", "GET", "/other/repo.git/info/refs"),
+        ("git.suggest.test", "GET", "/"),
+    ];
+    assert_eq!(
+        replay(&second, port, &outside).await,
+        vec![403; outside.len()],
+        "what the session did not do is still refused under\n{draft}"
+    );
+}
