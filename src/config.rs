@@ -60,12 +60,14 @@ pub enum RoutesCommand {
     Suggest {
         /// Start from this routes file: its routes come first, unchanged, and only what
         /// they do not allow is added. Its token variables and files need not exist.
-        #[arg(long)]
+        #[arg(long, value_name = "FILE")]
         routes: Option<PathBuf>,
-        /// A literal path prefix with more distinct children than this becomes `prefix/**`.
-        #[arg(long, default_value_t = 8)]
+        /// A path prefix (holding a literal segment) with more distinct children than this
+        /// becomes `prefix/**`.
+        #[arg(long, value_name = "N", default_value_t = 8)]
         max_literal: usize,
         /// Audit logs (JSON lines); standard input when none is given, or for `-`.
+        #[arg(value_name = "LOG")]
         logs: Vec<PathBuf>,
     },
 }
