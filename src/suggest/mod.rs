@@ -174,7 +174,7 @@ impl Suggester {
         for (host, port, g) in &new_routes {
             let token_route = self.token_route(host, *port);
             for group in &g.groups {
-                self.write_route(&mut out, host, *port, group, token_route);
+                write_route(&mut out, host, *port, group, token_route);
             }
             left_out.extend(g.left_out.iter().map(|s| {
                 format!(
@@ -242,41 +242,41 @@ impl Suggester {
             .find(|r| r.injection.is_some() && r.ports.contains(&port) && r.host.matches(&h))
             .map(|r| r.index)
     }
+}
 
-    fn write_route(
-        &self,
-        out: &mut String,
-        host: &str,
-        port: u16,
-        group: &generalise::Group,
-        token_route: Option<usize>,
-    ) {
+/// One new route: its comments, then its keys.
+fn write_route(
+    out: &mut String,
+    host: &str,
+    port: u16,
+    group: &generalise::Group,
+    token_route: Option<usize>,
+) {
+    render::comment(
+        out,
+        "  ",
+        &format!(
+            "{}, e.g. {}",
+            requests(group.count),
+            truncate(&group.example)
+        ),
+    );
+    if let Some(i) = token_route {
         render::comment(
             out,
             "  ",
             &format!(
-                "{}, e.g. {}",
-                requests(group.count),
-                truncate(&group.example)
+                "No token: routes[{i}] above injects one for {host}; add token settings here only if these paths need it."
             ),
         );
-        if let Some(i) = token_route {
-            render::comment(
-                out,
-                "  ",
-                &format!(
-                    "No token: routes[{i}] above injects one for {host}; add token settings here only if these paths need it."
-                ),
-            );
-        }
-        let mut fields = vec![("host".to_owned(), Value::from(host))];
-        if port != 443 {
-            fields.push(("ports".into(), Value::from(vec![port])));
-        }
-        fields.push(("methods".into(), Value::from(group.methods.clone())));
-        fields.push(("path_allowlist".into(), Value::from(group.patterns.clone())));
-        render::route(out, &fields);
     }
+    let mut fields = vec![("host".to_owned(), Value::from(host))];
+    if port != 443 {
+        fields.push(("ports".into(), Value::from(vec![port])));
+    }
+    fields.push(("methods".into(), Value::from(group.methods.clone())));
+    fields.push(("path_allowlist".into(), Value::from(group.patterns.clone())));
+    render::route(out, &fields);
 }
 
 fn requests(n: u64) -> String {
