@@ -1,11 +1,10 @@
 //! The `egress-proxy` command: parse the command line, build the configuration, run.
 
+use std::io::{BufRead, Read, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
-use std::io::{BufRead, Read, Write};
-use std::path::{Path, PathBuf};
-
 use egress_proxy::{BottleCa, CaCommand, Cli, Command, Config, RoutesCommand, RunArgs, Suggester};
 
 /// mimalloc (built with `no_thp`): cheaper per-request allocations than glibc malloc
