@@ -315,7 +315,17 @@ async fn a_session_drafted_into_routes_runs_again_and_nothing_more() {
             .iter()
             .all(|s| *s == 200)
     );
-    let logs = first.logs_with("/@scope%2fname");
+    // Each request's line is written once its response is sent: wait for all of them,
+    // generously, as a loaded machine may be slow to.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let logs = loop {
+        let logs = first.logs();
+        let lines = logs.matches("\"event\":\"request\"").count();
+        if lines >= session.len() || std::time::Instant::now() > deadline {
+            break logs;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     drop(first);
 
     let (code, draft, err) = run(&["routes", "suggest"], logs.as_bytes(), &[]);
