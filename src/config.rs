@@ -49,6 +49,28 @@ pub enum Command {
         #[arg(long, env = "EGRESS_PROXY_ADMIN", default_value = "127.0.0.1:9090")]
         admin: String,
     },
+    /// Work with routes files.
+    #[command(subcommand)]
+    Routes(RoutesCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RoutesCommand {
+    /// Draft a routes file (YAML, on stdout) from audit logs: what their `allow` and
+    /// `report` requests did.
+    Suggest {
+        /// Start from this routes file: its routes come first, unchanged, and only what
+        /// they do not allow is added. Its token variables and files need not exist.
+        #[arg(long, value_name = "FILE")]
+        routes: Option<PathBuf>,
+        /// A path prefix (holding a literal segment) with more distinct children than this
+        /// becomes `prefix/**`.
+        #[arg(long, value_name = "N", default_value_t = 8)]
+        max_literal: usize,
+        /// Audit logs (JSON lines); standard input when none is given, or for `-`.
+        #[arg(value_name = "LOG")]
+        logs: Vec<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

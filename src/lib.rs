@@ -29,6 +29,7 @@ mod proxy;
 mod readahead;
 mod reload;
 mod routes;
+mod suggest;
 mod sys;
 mod upstream;
 
@@ -39,7 +40,7 @@ pub use admin::probe;
 pub use app::run;
 pub use ca::{BottleCa, CA_CERT_FILE, LeafCache};
 pub use chain::NoProxy;
-pub use config::{CaCommand, Cli, Command, Config, RunArgs};
+pub use config::{CaCommand, Cli, Command, Config, RoutesCommand, RunArgs};
 pub use logging::{flush as flush_logs, init as init_logs, on_worker_park};
 pub use policy::{
     Allowed, Authority, Channel, Decision, Mode, Reported, RequestView, admit, decide,
@@ -49,4 +50,5 @@ pub use reload::load_routes;
 pub use routes::{
     Host, HostPattern, OneSecret, PathPattern, RouteTable, SecretSource, check_request_path,
 };
+pub use suggest::Suggester;
 pub use sys::harden_process;

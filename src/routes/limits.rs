@@ -10,8 +10,8 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
 use serde::de::{Deserializer, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
 
 /// A scalar exactly as the file wrote it, for the keys whose wrong type must still name
 /// `routes[i].<key>` (a YAML or JSON type error would name only a line).
@@ -30,6 +30,21 @@ impl fmt::Display for Scalar {
             Scalar::Float(x) => write!(f, "{x}"),
             Scalar::Text(s) => write!(f, "{s:?}"),
             Scalar::Bool(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+/// Written back as it was read (`routes suggest` copies a file's routes unchanged).
+impl Serialize for Scalar {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Scalar::Int(i) => match i64::try_from(*i) {
+                Ok(small) => s.serialize_i64(small),
+                Err(_) => s.serialize_i128(*i),
+            },
+            Scalar::Float(x) => s.serialize_f64(*x),
+            Scalar::Text(t) => s.serialize_str(t),
+            Scalar::Bool(b) => s.serialize_bool(*b),
         }
     }
 }

@@ -15,7 +15,7 @@ use std::fmt;
 
 use base64::Engine;
 use http::{HeaderName, HeaderValue, Method};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub(crate) use host::HostError;
 pub use host::{Host, HostPattern};
@@ -30,7 +30,8 @@ pub struct RoutesFile {
 }
 
 /// One entry of `routes:` exactly as written; [`RouteTable::build`] validates it.
-#[derive(Debug, Deserialize)]
+/// `Serialize` gives `routes suggest` every key of a route it copies, whatever keys exist.
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteSpec {
     pub host: String,
