@@ -11,6 +11,7 @@ egress-proxy, and each check asserts what the origin received.
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -159,7 +160,9 @@ class H(http.server.BaseHTTPRequestHandler):
                 send(8, data); return
             send(op, data)
     def git(self):
-        if self.headers.get("authorization") != "Basic " + CRED:
+        # /open/ holds a public repository (clone and push without credentials), for the
+        # report-mode loop, whose first run has no route and so no token.
+        if not self.path.startswith("/open/") and self.headers.get("authorization") != "Basic " + CRED:
             return self.reply(401, b"auth", "text/plain", [("www-authenticate", 'Basic realm="git"')])
         path, _, query = self.path.partition("?")
         env = dict(os.environ, GIT_PROJECT_ROOT=GIT_ROOT, GIT_HTTP_EXPORT_ALL="1", REQUEST_METHOD=self.command,
@@ -228,6 +231,127 @@ def make_certs(d):
         "-CAcreateserial", "-out", f"{d}/origin.pem", "-days", "1", "-extfile", f"{d}/ext")
 
 
+AGENT_SESSION = r'''
+import json, os, subprocess, sys, time
+import requests
+work, node_dir, venv, clone = sys.argv[1:5]
+def run(*cmd, **kw):
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    assert r.returncode == 0, (cmd, r.stdout[-2000:], r.stderr[-2000:])
+    return r.stdout
+out = run("curl", "-sS", "--fail-with-body", "-H", "Authorization: Bearer agent-fake", "https://api.e2e/v1/messages?beta=1")
+assert json.loads(out)["authorization"] is None, out
+r = requests.post("https://api.e2e/v1/chat/completions", json={"model": "m"}, headers={"x-api-key": "agent-fake"})
+assert r.status_code == 200 and r.json()["authorization"] is None, r.text
+for i in (101, 202, 303):
+    r = requests.get(f"https://api.e2e/v1/files/{i}/content")
+    assert r.status_code == 200, r.text
+run("node", f"{work}/report-fetch.mjs")
+run(sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-cache-dir", "--index-url",
+    "https://pypi.e2e/simple", "--target", f"{work}/home/site-{os.getpid()}", "e2e-hello")
+run("git", "clone", "-q", "https://git.e2e/open/repo.git", clone)
+with open(f"{clone}/NOTES", "a") as f:
+    f.write(f"session {time.time()}\n")
+run("git", "-C", clone, "add", "NOTES")
+run("git", "-C", clone, "-c", "user.name=agent", "-c", "user.email=a@e2e", "commit", "-qm", "from the bottle")
+run("git", "-C", clone, "push", "-q", "origin", "HEAD:refs/heads/main")
+print("session ok")
+'''
+
+
+def report_suggest_enforce(work, agent_env, node_dir, venv):
+    """The way to write routes for a new agent (README): run it in report mode with routes
+    that allow nothing, draft the routes from its log, run it again in enforce mode with the
+    draft. The same session is refused nothing; what it never did is refused."""
+    with open(f"{work}/report-fetch.mjs", "w") as f:
+        f.write(f"""
+import {{ ProxyAgent, fetch }} from '{node_dir}/node_modules/undici/index.js';
+const dispatcher = new ProxyAgent(process.env.HTTPS_PROXY);
+const r = await fetch('https://api.e2e/v1/models', {{ dispatcher }});
+if (r.status !== 200) {{ console.error(r.status, await r.text()); process.exit(1); }}
+""")
+    with open(f"{work}/session.py", "w") as f:
+        f.write(AGENT_SESSION)
+    os.makedirs(f"{work}/loop", exist_ok=True)
+    os.chown(f"{work}/loop", 65532, 65532)
+    with open(f"{work}/loop/nothing.yaml", "w") as f:
+        f.write("routes: []\n")
+    resolve = f"api.e2e:443:{NET_IP},git.e2e:443:{NET_IP},pypi.e2e:443:{NET_IP},other.e2e:443:{NET_IP}"
+
+    def start(routes, mode, log, port):
+        env = dict(os.environ, EGRESS_PROXY_TOKEN_0=API_TOKEN)
+        for k in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
+            env.pop(k, None)
+        p = spawn("setpriv", "--reuid=65532", "--regid=65532", "--clear-groups", BIN, "--listen", f"{PROXY_IN}:{port}",
+                  "--admin", f"127.0.0.1:{port + 1000}", "--routes", routes, "--ca-dir", f"{work}/state",
+                  "--upstream-ca", f"{work}/state/upstream-ca.pem", "--resolve", resolve, "--mode", mode,
+                  ns=NS_PROXY, env=env, log=open(log, "w"))
+        wait_port(NS_PROXY, PROXY_IN, port)
+        return p, dict(agent_env, HTTPS_PROXY=f"http://{PROXY_IN}:{port}", https_proxy=f"http://{PROXY_IN}:{port}")
+
+    def session(env, clone):
+        return sh(sys.executable, f"{work}/session.py", work, node_dir, venv, clone, ns=NS_AGENT, env=env,
+                  capture_output=True, text=True, check=False)
+
+    def events(log):
+        out = []
+        for line in open(log):
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue
+            fields = e.get("fields", e)
+            if fields.get("event") in ("request", "connect"):
+                out.append(fields)
+        return out
+
+    # 1. Report mode, nothing allowed: everything goes through and is logged as `report`.
+    p, env = start(f"{work}/loop/nothing.yaml", "report", f"{work}/loop/report.log", 8081)
+    r = session(env, f"{work}/home/loop-1")
+    p.terminate(); p.wait(timeout=10)
+    assert r.returncode == 0, r.stdout + r.stderr
+    seen = events(f"{work}/loop/report.log")
+    reported = [e for e in seen if e.get("event") == "request" and e.get("decision") == "report"]
+    assert reported and all(e.get("decision") in ("report", None) or e.get("event") == "connect" for e in seen), seen
+    assert not [e for e in seen if e.get("decision") == "deny"], seen
+    ok(f"report mode with no routes: a session of curl, requests, node, pip and git ran; {len(reported)} requests reported")
+
+    # 2. Draft the routes from that log; `check` accepts them.
+    r = sh(BIN, "routes", "suggest", f"{work}/loop/report.log", capture_output=True, text=True)
+    draft = r.stdout
+    with open(f"{work}/loop/suggested.yaml", "w") as f:
+        f.write(draft)
+    os.chmod(f"{work}/loop/suggested.yaml", 0o644)
+    sh(BIN, "check", f"{work}/loop/suggested.yaml", capture_output=True)
+    assert not re.search(r"""["' \[]/\*\*["' ,\]]|^\s*-\s*/\*\*\s*$""", draft, re.M), draft
+    for secret in ("beta=1", "agent-fake", API_TOKEN):
+        assert secret not in draft, draft
+    ok("routes suggest drafts a routes file from the log that check accepts (no query, no credential)")
+
+    # 3. Enforce mode with the draft: the same session is refused nothing.
+    p, env = start(f"{work}/loop/suggested.yaml", "enforce", f"{work}/loop/enforce.log", 8082)
+    try:
+        r = session(env, f"{work}/home/loop-2")
+        assert r.returncode == 0, draft + r.stdout + r.stderr
+        refused = [e for e in events(f"{work}/loop/enforce.log") if e.get("decision") == "deny"]
+        assert not refused, (draft, refused)
+        ok("enforce mode with the drafted routes: the same session is refused nothing")
+
+        # 4. What the session never did is refused: another repository, another host.
+        r = sh("git", "clone", "-q", "https://git.e2e/open/other.git", f"{work}/home/other", ns=NS_AGENT, env=env,
+               capture_output=True, text=True, check=False)
+        assert r.returncode != 0 and "403" in r.stderr, r.stderr
+        r = sh("curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "https://other.e2e/simple/", ns=NS_AGENT,
+               env=env, capture_output=True, text=True, check=False)
+        assert r.returncode != 0, r.stdout
+        reasons = {(e.get("host"), e.get("reason")) for e in events(f"{work}/loop/enforce.log") if e.get("decision") == "deny"}
+        assert ("git.e2e", "path_not_allowed") in reasons and ("other.e2e", "host_not_allowed") in reasons, reasons
+        ok("enforce mode with the drafted routes: another repository and another host are refused")
+    finally:
+        p.terminate()
+        p.wait(timeout=10)
+
+
 def main():
     if os.geteuid() != 0 or not shutil.which("ip"):
         print("e2e: needs root and iproute2 (network namespaces)")
@@ -243,6 +367,9 @@ def main():
         os.makedirs(git_root)
         sh("git", "init", "-q", "--bare", f"{git_root}/repo.git")
         sh("git", "-C", f"{git_root}/repo.git", "config", "http.receivepack", "true")
+        for name in ("repo", "other"):
+            sh("git", "init", "-q", "--bare", f"{git_root}/open/{name}.git")
+            sh("git", "-C", f"{git_root}/open/{name}.git", "config", "http.receivepack", "true")
         with open(f"{work}/origin.py", "w") as f:
             f.write(ORIGIN)
         spawn(sys.executable, f"{work}/origin.py", NET_IP, f"{work}/origin", GIT_CRED, git_root, ns=NS_NET,
@@ -432,6 +559,8 @@ assert r.status_code == 200 and r.json()["authorization"] == "Bearer {API_TOKEN}
         for secret in (API_TOKEN, GIT_CRED, "q=1"):
             assert secret not in logs, f"{secret} in the proxy log"
         ok("the proxy log holds no token and no query")
+
+        report_suggest_enforce(work, agent_env, node_dir, venv)
         print(f"e2e: {passed} passed, 0 failed")
     finally:
         teardown()
