@@ -368,8 +368,16 @@ def main():
         sh("git", "init", "-q", "--bare", f"{git_root}/repo.git")
         sh("git", "-C", f"{git_root}/repo.git", "config", "http.receivepack", "true")
         for name in ("repo", "other"):
-            sh("git", "init", "-q", "--bare", f"{git_root}/open/{name}.git")
+            sh("git", "init", "-q", "--bare", "-b", "main", f"{git_root}/open/{name}.git")
             sh("git", "-C", f"{git_root}/open/{name}.git", "config", "http.receivepack", "true")
+            # Not empty: every session's clone then fetches (git-upload-pack), as a real one does.
+            seed = f"{work}/seed-{name}"
+            sh("git", "clone", "-q", f"{git_root}/open/{name}.git", seed, stderr=subprocess.DEVNULL)
+            with open(f"{seed}/README", "w") as f:
+                f.write(f"{name}\n")
+            sh("git", "-C", seed, "add", "README")
+            sh("git", "-C", seed, "-c", "user.name=seed", "-c", "user.email=s@e2e", "commit", "-qm", "seed")
+            sh("git", "-C", seed, "push", "-q", "origin", "HEAD:refs/heads/main")
         with open(f"{work}/origin.py", "w") as f:
             f.write(ORIGIN)
         spawn(sys.executable, f"{work}/origin.py", NET_IP, f"{work}/origin", GIT_CRED, git_root, ns=NS_NET,
