@@ -655,7 +655,16 @@ async fn report_mode_keeps_the_limits_of_the_routes_that_matched() {
     assert_eq!(status, 200);
     assert_eq!(up.took("/limited").len(), 1);
     assert_eq!(up.await_took("/elsewhere", 4).await.len(), 4);
-    let logs = proxy.logs_with("\"event\":\"request\"");
+    // A request's line is written once its answer has been sent: wait for the last one.
+    let start = Instant::now();
+    let mut logs = String::new();
+    while start.elapsed() < Duration::from_secs(10) {
+        logs = proxy.logs_with("\"event\":\"request\"");
+        if logs.matches("\"decision\":\"report\"").count() >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
     assert_eq!(logs.matches("\"decision\":\"report\"").count(), 4, "{logs}");
     assert_eq!(
         logs.matches("\"reason\":\"rate_limited\"").count(),
