@@ -230,14 +230,15 @@ class Setup:
                     f"  - host: \"*.bench.test\"\n    ports: [{self.oport}]\n")
         os.replace(self.routes + ".tmp", self.routes)
 
-    def start_egress(self, port, admin, binary=None, prefix=(), stderr=None):
+    def start_egress(self, port, admin, binary=None, prefix=(), stderr=None, routes=None):
         """egress-proxy (BIN unless `binary`) on `port`, run under `prefix` (a profiler's
-        command line) if one is given, its log appended to `stderr` (default: the bench's)."""
+        command line) if one is given, its log appended to `stderr` (default: the bench's),
+        with `routes` instead of the bench's routes file if given."""
         env = dict(os.environ, EGRESS_PROXY_TOKEN_0=TOKEN, **self.env)
         for k in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy", "RUST_LOG"):
             env.pop(k, None)
         p = subprocess.Popen([*prefix, binary or BIN, "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
-                              "--routes", self.routes, "--ca-dir", f"{self.work}/ca",
+                              "--routes", routes or self.routes, "--ca-dir", f"{self.work}/ca",
                               "--upstream-ca", self.origin_ca],
                              env=env, stdout=subprocess.DEVNULL, stderr=open(stderr or self.log, "a"))
         procs.append(p)
@@ -695,6 +696,23 @@ def measure_idle_connections(setup, results):
             s.close()
         time.sleep(1.0)
     results["idle_connections"] = row
+
+
+def variant(setup, spec):
+    """`BIN` or `BIN+limits` (BIN with the benchmarked route given a `rate_limit` and a
+    `max_body_bytes` the load never reaches): the binary, and its routes file (None for the
+    bench's own)."""
+    binary, _, extra = spec.partition("+")
+    if not extra:
+        return binary, None
+    if extra != "limits":
+        raise SystemExit(f"{spec}: unknown variant {extra!r}; the one known is +limits")
+    routes = f"{setup.work}/routes-limits.yaml"
+    with open(setup.routes) as f, open(routes, "w") as out:
+        out.write(f.read().replace("token_env: EGRESS_PROXY_TOKEN_0\n",
+                                   "token_env: EGRESS_PROXY_TOKEN_0\n"
+                                   "    rate_limit: 1000000000/s\n    max_body_bytes: 1099511627776\n", 1))
+    return binary, routes
 
 
 def measure_reload_under_load(setup, results):

@@ -7,7 +7,9 @@ resolve on a shared machine. Loopback only, bounded like bench/bench.py.
     bench/bench_ab.py BIN_A,BIN_B [keepalive|newconn|download|upload|idle|mint]
 
 A BIN named `direct` is the client talking to the origin itself (keepalive, newconn,
-download, upload), for the ratio the issue's goals are stated in.
+download, upload), for the ratio the issue's goals are stated in. `BIN+limits` is BIN with
+the benchmarked route given a `rate_limit` and a `max_body_bytes` that the load never
+reaches: what checking a route's limits costs.
 
 Environment: AB_ROUNDS (4), AB_SECONDS (6) per oha run, AB_MIB (1024) per transfer,
 BENCH_IDLE_CONNECTIONS (1000). Build the origin first: cargo build --release --example
@@ -42,9 +44,10 @@ def main():
             if b == "direct":
                 proxies.append((b, None, None))
                 continue
-            bench.BIN = b
+            binary, routes = bench.variant(setup, b)
+            bench.BIN = binary
             port = bench.free_port()
-            p = setup.start_egress(port, bench.free_port())
+            p = setup.start_egress(port, bench.free_port(), routes=routes)
             bench.wait_port(port)
             proxies.append((b, port, p))
         time.sleep(0.5)

@@ -4,7 +4,7 @@ callgrind: for changes too small for a timed A/B on a shared machine to resolve 
 run-to-run noise is 7-10%; an instruction count repeats to within 0.5%). Counts user-space
 instructions only, not the kernel's share of a request, and not time.
 
-    bench/bench_instructions.py BIN [BIN ...]
+    bench/bench_instructions.py BIN [BIN ...]      (BIN+limits: see bench_ab.py)
 
 Each binary is started twice under callgrind, answers N1 and then N2 requests from oha (4
 keep-alive connections through one CONNECT each), and exits on SIGTERM; the difference of
@@ -27,9 +27,10 @@ import bench  # noqa: E402
 N1, N2 = int(os.environ.get("N1", "300")), int(os.environ.get("N2", "1500"))
 
 
-def total_instructions(setup, binary, n, out):
+def total_instructions(setup, spec, n, out):
+    binary, routes = bench.variant(setup, spec)
     port, admin = bench.free_port(), bench.free_port()
-    p = setup.start_egress(port, admin, binary=binary,
+    p = setup.start_egress(port, admin, binary=binary, routes=routes,
                            prefix=["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"],
                            stderr=f"{setup.work}/valgrind.log")
     bench.wait_port(port, 120)
