@@ -238,6 +238,28 @@ fn a_huge_line_is_skipped_not_held() {
     assert!(out.contains("git-upload-pack"), "{out}");
 }
 
+/// A path as deep as a request head allows (an agent in report mode can send one) is
+/// named on stderr and skipped; it neither crashes the draft nor widens it.
+#[test]
+fn a_path_deeper_than_any_api_is_skipped() {
+    let mut log = format!(
+        "{{\"event\":\"request\",\"host\":\"api.example.com\",\"port\":443,\"method\":\"GET\",\"path\":\"{}\",\"decision\":\"report\"}}\n",
+        "/a".repeat(30_000)
+    )
+    .into_bytes();
+    log.extend_from_slice(std::fs::read_to_string(fixture("git")).unwrap().as_bytes());
+    let (code, out, err) = run(&["routes", "suggest"], &log, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("line 1: ") && err.contains("segments"),
+        "{err}"
+    );
+    assert!(
+        out.contains("git-upload-pack") && !out.contains("api.example.com"),
+        "{out}"
+    );
+}
+
 /// One session's requests through `proxy`, each on its own HTTP/1.1 tunnel; the statuses.
 async fn replay(proxy: &Proxy, port: u16, session: &[(&str, &str, &str)]) -> Vec<u16> {
     let mut statuses = Vec::new();

@@ -21,6 +21,7 @@ pub(crate) use host::HostError;
 pub use host::{Host, HostPattern};
 pub(crate) use limits::{RateLimit, Scalar, retry_after_secs};
 pub use path::{PathPattern, check_request_path};
+pub(crate) use path::{has_encoded_separator, uppercase_escapes};
 
 /// The routes file as an orchestrator renders it (YAML, or JSON, which is YAML too).
 #[derive(Debug, Deserialize)]

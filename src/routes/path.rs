@@ -139,6 +139,11 @@ fn is_encoded_separator(bytes: &[u8], at: usize) -> bool {
     bytes[at] == b'%' && matches!(decode_escape(bytes, at), Some(b'/' | b'\\'))
 }
 
+/// Does the segment hold an encoded slash or backslash, which `*` never matches?
+pub(crate) fn has_encoded_separator(segment: &str) -> bool {
+    (0..segment.len()).any(|i| is_encoded_separator(segment.as_bytes(), i))
+}
+
 /// Splits a segment at its encoded slashes and backslashes: the pieces a server that
 /// decodes them would see as segments.
 fn pieces(segment: &str) -> impl Iterator<Item = &str> {
@@ -283,7 +288,9 @@ impl fmt::Debug for PathPattern {
     }
 }
 
-fn uppercase_escapes(s: &str) -> String {
+/// Escapes' hex digits upper-cased: how patterns compare segments, so `%2f` and `%2F`
+/// are one segment.
+pub(crate) fn uppercase_escapes(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut hex_left = 0;
     for c in s.chars() {

@@ -7,6 +7,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::routes::{has_encoded_separator, uppercase_escapes};
+
 /// What a path segment looks like, as the generalisation reads it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Class {
@@ -68,31 +70,6 @@ fn is_token(segment: &str) -> bool {
     mixed_run || base64url
 }
 
-/// Does the segment hold an encoded slash or backslash, which `*` never matches?
-fn has_encoded_separator(segment: &str) -> bool {
-    let lower = segment.to_ascii_lowercase();
-    lower.contains("%2f") || lower.contains("%5c")
-}
-
-/// Escapes' hex digits upper-cased: how patterns compare them, so `%2f` and `%2F` are one
-/// segment.
-fn upper_escapes(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut hex_left = 0;
-    for c in s.chars() {
-        if hex_left > 0 {
-            out.push(c.to_ascii_uppercase());
-            hex_left -= 1;
-        } else {
-            if c == '%' {
-                hex_left = 2;
-            }
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// One segment of a suggested pattern.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Seg {
@@ -127,17 +104,31 @@ fn shape_of(path: &str) -> Option<Shape> {
     }
     let mut segs = Vec::with_capacity(raw.len());
     for (i, s) in raw.iter().enumerate() {
-        if !s.contains('*') && classify(s) == Class::Word {
-            segs.push(Seg::Lit(upper_escapes(s)));
-        } else if !has_encoded_separator(s) {
+        let encoded_separator = has_encoded_separator(s);
+        if !s.contains('*') && (encoded_separator || classify(s) == Class::Word) {
+            // A segment with an encoded slash stays literal whatever it looks like
+            // (SPEC §3a): `*` would not match it.
+            segs.push(Seg::Lit(uppercase_escapes(s)));
+        } else if !encoded_separator {
             segs.push(Seg::One);
         } else if i == 0 {
             return None;
         } else {
-            // `*` would not match it: allow what is below the segments before it.
+            // A `*` in it, which a pattern cannot hold, and an encoded slash, which `*`
+            // does not match: allow what is below the segments before it.
             segs.push(Seg::Tail);
             break;
         }
+    }
+    // Wildcards alone before a `**` (`/*/**`, from `/123/`) would allow nearly every path
+    // on the host: this path is kept literally instead, a segment prefix of its own.
+    let tailed = segs.last() == Some(&Seg::Tail) || (slash && segs.contains(&Seg::One));
+    if tailed && !segs.iter().any(|s| matches!(s, Seg::Lit(_))) {
+        if raw.iter().any(|s| s.contains('*')) {
+            return None;
+        }
+        let segs = raw.iter().map(|s| Seg::Lit(uppercase_escapes(s))).collect();
+        return Some(Shape { segs, slash });
     }
     Some(Shape { segs, slash })
 }
@@ -199,39 +190,77 @@ fn is_open(p: &[Seg]) -> bool {
     p.last() == Some(&Seg::Tail) || p.iter().all(|s| matches!(s, Seg::Lit(_)))
 }
 
-fn segment_covers(q: &Seg, p: &Seg) -> bool {
-    match (q, p) {
-        (Seg::One, Seg::Lit(s)) => !has_encoded_separator(s),
-        (q, p) => q == p,
-    }
-}
-
-/// Does pattern `q` match every path pattern `p` matches?
-fn covers(q: &[Seg], p: &[Seg]) -> bool {
-    let core = |x: &[Seg]| x.len() - usize::from(x.last() == Some(&Seg::Tail));
-    let (qc, pc) = (&q[..core(q)], &p[..core(p)]);
-    let prefix_covers =
-        qc.len() <= pc.len() && qc.iter().zip(pc).all(|(a, b)| segment_covers(a, b));
-    if is_open(q) {
-        prefix_covers
-    } else {
-        !is_open(p) && qc.len() == pc.len() && prefix_covers
-    }
-}
-
-/// Drops every pattern another one already covers (of two that cover each other, the
-/// one that sorts last).
+/// Drops every pattern another one already covers. Two patterns cover each other only
+/// when they allow the same paths (`/a` and `/a/**`): the first in order is kept.
+///
+/// A pattern can only be covered by one whose segments lead to it in a prefix tree of
+/// them all (literally, or through a `*` over a literal), so each is checked by a walk
+/// down that tree rather than against every other pattern.
 fn without_covered(patterns: BTreeSet<Pattern>) -> Vec<Pattern> {
-    let all: Vec<Pattern> = patterns.into_iter().collect();
-    all.iter()
-        .enumerate()
-        .filter(|(i, p)| {
-            !all.iter()
-                .enumerate()
-                .any(|(j, q)| j != *i && covers(q, p) && (j < *i || !covers(p, q)))
+    let mut tree = CoverNode::default();
+    let mut kept: Vec<(Pattern, bool)> = Vec::new();
+    for p in patterns {
+        let open = is_open(&p);
+        let core = &p[..p.len() - usize::from(p.last() == Some(&Seg::Tail))];
+        let end = tree.node_mut(core);
+        let first = if open { !end.open } else { !end.closed };
+        end.open |= open;
+        end.closed |= !open;
+        if first {
+            kept.push((p, open));
+        }
+    }
+    kept.into_iter()
+        .filter(|(p, open)| {
+            let core = &p[..p.len() - usize::from(p.last() == Some(&Seg::Tail))];
+            !tree.covered(core, *open, true)
         })
-        .map(|(_, p)| p.clone())
+        .map(|(p, _)| p)
         .collect()
+}
+
+/// The prefix tree of the patterns' segments (without a final `**`); a node says whether
+/// an open pattern (a literal prefix, or one ending in `**`) or a closed one (whole path,
+/// with a `*`) ends there.
+#[derive(Default)]
+struct CoverNode {
+    children: BTreeMap<Seg, CoverNode>,
+    open: bool,
+    closed: bool,
+}
+
+impl CoverNode {
+    fn node_mut(&mut self, segs: &[Seg]) -> &mut CoverNode {
+        let mut node = self;
+        for s in segs {
+            node = node.children.entry(s.clone()).or_default();
+        }
+        node
+    }
+
+    /// Does another pattern in the tree cover the one whose segments are `core`: an open
+    /// one ending at a proper prefix of it, or one ending where it ends, reached through a
+    /// `*` over one of its literals (`exact` false), or open over it closed?
+    fn covered(&self, core: &[Seg], open: bool, exact: bool) -> bool {
+        let Some((first, rest)) = core.split_first() else {
+            return (self.open && (!open || !exact)) || (self.closed && !open && !exact);
+        };
+        if self.open {
+            return true;
+        }
+        let literal_under_star = match first {
+            Seg::Lit(s) => !has_encoded_separator(s),
+            _ => false,
+        };
+        self.children
+            .get(first)
+            .is_some_and(|n| n.covered(rest, open, exact))
+            || (literal_under_star
+                && self
+                    .children
+                    .get(&Seg::One)
+                    .is_some_and(|n| n.covered(rest, open, false)))
+    }
 }
 
 fn render(p: &[Seg]) -> String {
@@ -336,7 +365,7 @@ pub(crate) fn generalise(seen: &[Seen], max_literal: usize) -> Generalised {
                     .cmp(&b.count)
                     .then_with(|| (&b.path, &b.method).cmp(&(&a.path, &a.method)))
             })
-            .map(|s| format!("{} {}", s.method, mask_tokens(&s.path)))
+            .map(|s| format!("{} {}", s.method, mask_identifiers(&s.path)))
             .unwrap_or_default();
         out.groups.push(Group {
             methods: methods.into_iter().map(|(_, m)| m).collect(),
@@ -353,16 +382,15 @@ pub(crate) fn generalise(seen: &[Seen], max_literal: usize) -> Generalised {
     out
 }
 
-/// The path with every segment classed [`Class::Token`] shown as `<token>`: a path can
-/// carry a secret, and the example goes into a file people share.
-pub(crate) fn mask_tokens(path: &str) -> String {
+/// The path with every segment that looks generated (a UUID, hex, a token) shown as
+/// `<id>`: a path can carry a secret (a UUID or hex API key, a bot token), and the
+/// example goes into a file people share. Numbers stay: they are what makes an example
+/// readable (`/issues/123`).
+pub(crate) fn mask_identifiers(path: &str) -> String {
     path.split('/')
-        .map(|s| {
-            if classify(s) == Class::Token {
-                "<token>"
-            } else {
-                s
-            }
+        .map(|s| match classify(s) {
+            Class::Uuid | Class::Hex | Class::Token => "<id>",
+            Class::Word | Class::Number => s,
         })
         .collect::<Vec<_>>()
         .join("/")

@@ -14,6 +14,11 @@ use crate::routes::{Host, HostPattern, check_request_path};
 /// head limit, JSON-escaped, with room to spare. A longer line is skipped, not held.
 pub(crate) const MAX_LINE_BYTES: usize = 1 << 20;
 
+/// The most segments a counted path may have: more than any API's paths, and a bound on
+/// the depth of the generalisation's prefix trees, which an agent in report mode could
+/// otherwise make as deep as its request head is long.
+pub(crate) const MAX_SEGMENTS: usize = 64;
+
 /// One request the routes should allow.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Observed {
@@ -116,6 +121,9 @@ pub(crate) fn parse_line(bytes: &[u8]) -> Line {
     let path = path.split_once('?').map_or(path, |(p, _)| p);
     if let Err(e) = check_request_path(path) {
         return bad(&format!("a path the proxy would refuse ({e})"));
+    }
+    if path.split('/').count() > MAX_SEGMENTS + 1 {
+        return bad(&format!("a path of more than {MAX_SEGMENTS} segments"));
     }
     Line::Request(Observed {
         host,
@@ -239,6 +247,20 @@ mod tests {
             ),
             (r#""host":"a.example","port":443,"method":"GET""#, "path"),
         ] {
+            check_refused(fields, why);
+        }
+        // Deeper than any API: refused (the generalisation's trees recurse per segment).
+        let deep = "/a".repeat(MAX_SEGMENTS + 1);
+        check_refused(
+            &format!(r#""host":"a.example","port":443,"method":"GET","path":"{deep}""#),
+            "segments",
+        );
+        let deepest_counted = "/a".repeat(MAX_SEGMENTS);
+        let line = request(&format!(
+            r#""host":"a.example","port":443,"method":"GET","path":"{deepest_counted}","decision":"allow""#
+        ));
+        assert!(matches!(parse_line(line.as_bytes()), Line::Request(_)));
+        fn check_refused(fields: &str, why: &str) {
             let line = request(&format!(r#"{fields},"decision":"allow""#));
             match parse_line(line.as_bytes()) {
                 Line::Bad(m) => {

@@ -180,7 +180,7 @@ impl Suggester {
                 format!(
                     "{} {} on {host}:{port} ({}): only a route allowing every path would allow it",
                     s.method,
-                    truncate(&generalise::mask_tokens(&s.path)),
+                    truncate(&generalise::mask_identifiers(&s.path)),
                     requests(s.count),
                 )
             }));
