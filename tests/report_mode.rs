@@ -97,8 +97,8 @@ impl World {
     }
 
     /// The request's raw HTTP/1.1 `raw` (`{h}` is the authority) in a tunnel to `host`;
-    /// what comes back until the proxy closes or stays quiet for a second (long enough
-    /// that a late answer on a loaded machine is not taken for none).
+    /// what comes back until the proxy closes (every request here ends its connection)
+    /// or stays quiet for 10 s.
     async fn raw(&self, host: &str, raw: &str) -> String {
         let raw = raw.replace("{h}", &self.authority(host));
         self.proxy
@@ -106,7 +106,7 @@ impl World {
                 host,
                 self.up.port(),
                 raw.as_bytes(),
-                Duration::from_millis(1000),
+                Duration::from_secs(10),
             )
             .await
     }
@@ -337,13 +337,13 @@ fn assert_answer(name: &str, response: &str, status: u16, code: &str) {
 const REFUSED_IN_BOTH: &[(&str, &str, u16, &str)] = &[
     (
         "misdirected Host",
-        "GET /other HTTP/1.1\r\nHost: evil.test\r\n\r\n",
+        "GET /other HTTP/1.1\r\nHost: evil.test\r\nConnection: close\r\n\r\n",
         421,
         "misdirected",
     ),
     (
         "misdirected absolute target",
-        "GET https://evil.test/other HTTP/1.1\r\nHost: {h}\r\n\r\n",
+        "GET https://evil.test/other HTTP/1.1\r\nHost: {h}\r\nConnection: close\r\n\r\n",
         421,
         "misdirected",
     ),
@@ -379,7 +379,7 @@ const REFUSED_IN_BOTH: &[(&str, &str, u16, &str)] = &[
     ),
     (
         "TRACE",
-        "TRACE /other HTTP/1.1\r\nHost: {h}\r\n\r\n",
+        "TRACE /other HTTP/1.1\r\nHost: {h}\r\nConnection: close\r\n\r\n",
         403,
         "method_not_allowed",
     ),

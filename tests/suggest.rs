@@ -278,9 +278,8 @@ async fn replay(proxy: &Proxy, port: u16, session: &[(&str, &str, &str)]) -> Vec
 }
 
 /// The loop of SPEC §3a against the real proxy: a session's log, drafted into routes, lets
-/// the same session through again and refuses what it did not do. Routes that allow the
-/// two hosts wholesale stand in for `--mode report` here: the requests are logged the same
-/// way, with decision `allow`.
+/// the same session through again and refuses what it did not do. The first run is in
+/// report mode with routes that allow nothing.
 #[tokio::test]
 async fn a_session_drafted_into_routes_runs_again_and_nothing_more() {
     let ca = TestCa::new("upstream test CA");
@@ -326,11 +325,11 @@ async fn a_session_drafted_into_routes_runs_again_and_nothing_more() {
         ),
         ("git.suggest.test", "GET", "/@scope%2fname"),
     ];
-    let wide = format!(
-        "routes:\n  - host: {}\n    ports: [{port}]\n  - host: {}\n    ports: [{port}]\n",
-        names[0], names[1]
-    );
-    let first = ProxyBuilder::new(&wide).upstream(&ca, &pins).start();
+    let first = ProxyBuilder::new("routes: []\n")
+        .upstream(&ca, &pins)
+        .arg("--mode")
+        .arg("report")
+        .start();
     assert!(
         replay(&first, port, &session)
             .await
@@ -346,9 +345,13 @@ async fn a_session_drafted_into_routes_runs_again_and_nothing_more() {
         if lines >= session.len() || std::time::Instant::now() > deadline {
             break logs;
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
     drop(first);
+    let reported = logs
+        .lines()
+        .filter(|l| l.contains("\"event\":\"request\"") && l.contains("\"decision\":\"report\""));
+    assert_eq!(reported.count(), session.len(), "{logs}");
 
     let (code, draft, err) = run(&["routes", "suggest"], logs.as_bytes(), &[]);
     assert_eq!(code, 0, "{err}");
