@@ -37,27 +37,6 @@ fn replace_file(path: &Path, content: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-async fn admin_get(proxy: &Proxy, path: &str) -> (u16, String) {
-    let tcp = tokio::net::TcpStream::connect(proxy.admin).await.unwrap();
-    let (mut s, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let r = s
-        .send_request(
-            Request::builder()
-                .uri(path)
-                .header("host", "admin")
-                .body(empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    let body = r.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
-}
-
 /// The value of one sample line in a metrics exposition (0 when absent).
 fn metric(text: &str, sample: &str) -> f64 {
     text.lines()
@@ -71,7 +50,7 @@ fn metric(text: &str, sample: &str) -> f64 {
 
 async fn reloads_ok(proxy: &Proxy) -> f64 {
     metric(
-        &admin_get(proxy, "/metrics").await.1,
+        &proxy.admin_get("/metrics").await.1,
         "egress_proxy_reloads_total{result=\"ok\"}",
     )
 }
@@ -196,7 +175,7 @@ async fn invalid_files_keep_the_old_routes_and_the_process() {
         proxy.signal("HUP");
         let errors = || async {
             metric(
-                &admin_get(&proxy, "/metrics").await.1,
+                &proxy.admin_get("/metrics").await.1,
                 "egress_proxy_reloads_total{result=\"error\"}",
             ) >= (i + 1) as f64
         };
@@ -291,7 +270,7 @@ async fn an_idle_proxy_does_not_keep_reading_its_routes_file() {
         "the routes file was read while nothing changed"
     );
     // A change is still seen.
-    let (status, _) = admin_get(&proxy, "/readyz").await;
+    let (status, _) = proxy.admin_get("/readyz").await;
     assert_eq!(status, 200);
     std::fs::write(&routes_file, routes(9, &["/v2"], false)).unwrap();
     let took = within(Duration::from_secs(2), || async {
@@ -552,7 +531,7 @@ async fn a_fresh_proxy_exports_every_series_of_the_vocabulary_at_zero() {
     let proxy = ProxyBuilder::new(&routes(443, &["/v1"], false))
         .env("OPS_TOKEN", TOKEN)
         .start();
-    let (status, text) = admin_get(&proxy, "/metrics").await;
+    let (status, text) = proxy.admin_get("/metrics").await;
     assert_eq!(status, 200);
     let requests = |decision: &str, reason: &str| {
         format!("egress_proxy_requests_total{{decision=\"{decision}\",reason=\"{reason}\"}} 0")
@@ -638,13 +617,13 @@ async fn admin_endpoints_metrics_move_and_nothing_leaks() {
         .upstream(&ca, &[("api.test", port)])
         .env("OPS_TOKEN", TOKEN)
         .start();
-    assert_eq!(admin_get(&proxy, "/healthz").await.0, 200);
-    assert_eq!(admin_get(&proxy, "/readyz").await.0, 200);
-    assert_eq!(admin_get(&proxy, "/ca.pem").await.1, proxy.ca_pem);
-    let bundle = admin_get(&proxy, "/ca-bundle.pem").await.1;
+    assert_eq!(proxy.admin_get("/healthz").await.0, 200);
+    assert_eq!(proxy.admin_get("/readyz").await.0, 200);
+    assert_eq!(proxy.admin_get("/ca.pem").await.1, proxy.ca_pem);
+    let bundle = proxy.admin_get("/ca-bundle.pem").await.1;
     assert!(bundle.starts_with(&proxy.ca_pem) && bundle.matches("BEGIN CERTIFICATE").count() > 100);
 
-    let before = admin_get(&proxy, "/metrics").await.1;
+    let before = proxy.admin_get("/metrics").await.1;
     let h = format!("api.test:{port}");
     let agent_secret = "agent-cookie-value-xyz";
     let mut c = h1(proxy.tunnel("api.test", port, &[b"http/1.1"]).await).await;
@@ -671,7 +650,7 @@ async fn admin_endpoints_metrics_move_and_nothing_leaks() {
     drop(c);
     let tunnel_logged = || async {
         metric(
-            &admin_get(&proxy, "/metrics").await.1,
+            &proxy.admin_get("/metrics").await.1,
             "egress_proxy_connects_total{decision=\"allow\",reason=\"ok\"}",
         ) >= 1.0
     };
@@ -681,7 +660,7 @@ async fn admin_endpoints_metrics_move_and_nothing_leaks() {
             .is_some(),
         "closed tunnel not counted"
     );
-    let after = admin_get(&proxy, "/metrics").await.1;
+    let after = proxy.admin_get("/metrics").await.1;
     // The exposition parses: every sample is `name{labels} number`.
     for line in after
         .lines()
@@ -788,7 +767,7 @@ async fn a_second_signal_exits_at_once() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     proxy.signal("TERM");
-    let draining = || async { admin_get(&proxy, "/healthz").await.0 == 503 };
+    let draining = || async { proxy.admin_get("/healthz").await.0 == 503 };
     assert!(
         within(Duration::from_secs(2), draining).await.is_some(),
         "healthz says 503 while draining"
@@ -815,7 +794,7 @@ async fn a_new_hosts_leaf_is_minted_when_its_tunnel_opens_not_after_the_client_h
     let mut misses = 0.0;
     for _ in 0..100 {
         misses = metric(
-            &admin_get(&proxy, "/metrics").await.1,
+            &proxy.admin_get("/metrics").await.1,
             "egress_proxy_leaf_cache_misses_total",
         );
         if misses == 1.0 {

@@ -620,6 +620,28 @@ async fn a_body_over_the_cap_after_the_answer_began_is_a_cut() {
                 "{ctx}: the upstream got {t:?}"
             );
         }
+        // Refused all the same, as `body_too_large`: in the log and the metrics.
+        let start = Instant::now();
+        let mut refused = 0;
+        while refused < 2 && start.elapsed() < Duration::from_secs(10) {
+            refused = proxy
+                .logs_with("\"event\":\"request\"")
+                .lines()
+                .filter(|l| {
+                    l.contains("\"decision\":\"deny\"")
+                        && l.contains("\"reason\":\"body_too_large\"")
+                })
+                .count();
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert_eq!(refused, 2, "{ctx}: {}", proxy.logs());
+        let metrics = proxy.admin_get("/metrics").await.1;
+        assert!(
+            metrics.contains(
+                "egress_proxy_requests_total{decision=\"deny\",reason=\"body_too_large\"} 2"
+            ),
+            "{ctx}: {metrics}"
+        );
     }
 }
 

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode};
-use http_body_util::BodyExt;
 
 use common::*;
 
@@ -112,7 +111,7 @@ impl World {
     }
 
     async fn metrics(&self) -> String {
-        admin_get(&self.proxy, "/metrics").await
+        self.proxy.admin_get("/metrics").await.1
     }
 }
 
@@ -144,26 +143,6 @@ impl Agent {
         };
         collect(response.unwrap()).await
     }
-}
-
-async fn admin_get(proxy: &Proxy, path: &str) -> String {
-    let tcp = tokio::net::TcpStream::connect(proxy.admin).await.unwrap();
-    let (mut s, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let r = s
-        .send_request(
-            Request::builder()
-                .uri(path)
-                .header("host", "admin")
-                .body(empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let body = r.into_body().collect().await.unwrap().to_bytes();
-    String::from_utf8_lossy(&body).into_owned()
 }
 
 /// The value of one sample line in a metrics exposition (`None` when absent).
@@ -517,7 +496,7 @@ async fn the_mode_is_shown_kept_across_a_reload_and_checked_at_start() {
     std::fs::write(&routes_file, routes(up.port()).replace("/read", "/read2")).unwrap();
     proxy.signal("HUP");
     audit_event(&proxy, "reload", "result", "ok").await;
-    let text = admin_get(&proxy, "/metrics").await;
+    let text = proxy.admin_get("/metrics").await.1;
     assert_eq!(
         metric(&text, r#"egress_proxy_mode{mode="report"}"#),
         Some(1.0)

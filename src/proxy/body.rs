@@ -5,7 +5,7 @@
 //! knows a streamed request has really finished.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -25,6 +25,9 @@ pub(crate) struct Moved {
     pub(crate) up: AtomicU64,
     pub(crate) down: AtomicU64,
     pub(crate) cut: OnceLock<String>,
+    /// The agent's body passed its route's `max_body_bytes` ([`Capped`]): the request is
+    /// refused as `body_too_large` even when the refusal can only be a cut.
+    pub(crate) over_cap: AtomicBool,
 }
 
 /// Which of a request's bodies a [`Tracked`] is.
@@ -145,15 +148,17 @@ pin_project! {
         max: u64,
         // Bytes still allowed.
         left: u64,
+        moved: Arc<Moved>,
     }
 }
 
 impl<B> Capped<B> {
-    pub(crate) fn new(inner: B, max: u64) -> Self {
+    pub(crate) fn new(inner: B, max: u64, moved: Arc<Moved>) -> Self {
         Capped {
             inner,
             max,
             left: max,
+            moved,
         }
     }
 }
@@ -176,6 +181,7 @@ where
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
                     if len > *this.left {
+                        this.moved.over_cap.store(true, Ordering::Relaxed);
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge(*this.max)))));
                     }
                     *this.left -= len;
@@ -314,20 +320,26 @@ mod tests {
             StreamBody::new(futures_util::stream::iter(frames))
         };
         // Exactly the cap, over several frames, trailers included: all of it.
-        let whole = Capped::new(frames(&[4, 0, 6]), 10).collect().await.unwrap();
+        let moved = Arc::new(Moved::default());
+        let whole = Capped::new(frames(&[4, 0, 6]), 10, moved.clone())
+            .collect()
+            .await
+            .unwrap();
         assert_eq!(whole.to_bytes().len(), 10);
+        assert!(!moved.over_cap.load(Ordering::Relaxed));
         // One byte over, in the last frame: what came before it, then the error.
-        let mut body = Box::pin(Capped::new(frames(&[4, 7]), 10));
+        let mut body = Box::pin(Capped::new(frames(&[4, 7]), 10, moved.clone()));
         let first = body.as_mut().frame().await.unwrap().unwrap();
         assert_eq!(first.into_data().unwrap().len(), 4);
         let e = body.as_mut().frame().await.unwrap().unwrap_err();
         assert!(e.downcast_ref::<BodyTooLarge>().is_some(), "{e}");
+        assert!(moved.over_cap.load(Ordering::Relaxed));
         assert_eq!(
             e.to_string(),
             "the request body is over the route's max_body_bytes (10)"
         );
         // One frame over the cap on its own: nothing of it.
-        let mut body = Box::pin(Capped::new(frames(&[11]), 10));
+        let mut body = Box::pin(Capped::new(frames(&[11]), 10, Arc::default()));
         assert!(body.as_mut().frame().await.unwrap().is_err());
     }
 

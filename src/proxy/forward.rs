@@ -219,9 +219,14 @@ async fn process(
     let moved = record.moved.clone();
     let upstream_body = match grant.body_cap {
         None => Tracked::new(body, body_idle, moved, Way::Up, ()).boxed_unsync(),
-        Some(max) => {
-            Tracked::new(Capped::new(body, max), body_idle, moved, Way::Up, ()).boxed_unsync()
-        }
+        Some(max) => Tracked::new(
+            Capped::new(body, max, moved.clone()),
+            body_idle,
+            moved,
+            Way::Up,
+            (),
+        )
+        .boxed_unsync(),
     };
     let upstream_req = Request::from_parts(parts, upstream_body);
 
@@ -403,6 +408,12 @@ impl RequestRecord {
 
 impl Drop for RequestRecord {
     fn drop(&mut self) {
+        // A body that passed its cap after the answer had begun was cut, not answered
+        // 413, but it is refused all the same, and counted so.
+        if self.moved.over_cap.load(Ordering::Relaxed) && self.reason.is_none() {
+            self.decision = "deny";
+            self.reason = Some(ErrorKind::BodyTooLarge.code());
+        }
         let (up, down) = (
             self.moved.up.load(Ordering::Relaxed),
             self.moved.down.load(Ordering::Relaxed),

@@ -1083,6 +1083,28 @@ where
 }
 
 impl Proxy {
+    /// GET `path` on the admin listener: status and body.
+    pub(crate) async fn admin_get(&self, path: &str) -> (u16, String) {
+        let tcp = TcpStream::connect(self.admin).await.unwrap();
+        let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let r = s
+            .send_request(
+                Request::builder()
+                    .uri(path)
+                    .header("host", "admin")
+                    .body(empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
     /// Sends raw bytes inside a TLS tunnel (HTTP/1.1 ALPN) and returns everything that
     /// comes back until the proxy closes or stays quiet for `quiet`.
     pub(crate) async fn raw_in_tunnel(
