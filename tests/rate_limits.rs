@@ -351,14 +351,15 @@ async fn buckets_are_per_route_and_a_reload_keeps_a_spent_one() {
     assert_eq!(up.took("/b").len(), 3);
 }
 
-/// A WebSocket upgrade is one request of its route's bucket.
+/// A WebSocket upgrade is one request of its route's bucket, and its frames are no body
+/// for `max_body_bytes`.
 #[tokio::test]
 async fn a_websocket_upgrade_spends_one_token() {
     let ca = TestCa::new("ca");
     let up = Upstream::start(&ca, &["api.test"], H1).await;
     let port = up.port();
     let proxy = ProxyBuilder::new(&format!(
-        "routes:\n  - host: api.test\n    ports: [{port}]\n    rate_limit: 1/h\n"
+        "routes:\n  - host: api.test\n    ports: [{port}]\n    rate_limit: 1/h\n    max_body_bytes: 10\n"
     ))
     .upstream(&ca, &[("api.test", port)])
     .start();
@@ -369,10 +370,11 @@ async fn a_websocket_upgrade_spends_one_token() {
     };
     let (mut ws, resp) = open().await.unwrap();
     assert_eq!(resp.status(), 101);
-    // Frames are not requests: many of them spend nothing more.
+    // Frames are not requests: many of them spend nothing more. Nor are they a body:
+    // more than the route's max_body_bytes of them pass.
     for i in 0..5 {
         use futures_util::{SinkExt, StreamExt};
-        let msg = format!("m{i}");
+        let msg = format!("message {i} longer than the body cap");
         ws.send(tokio_tungstenite::tungstenite::Message::text(msg.clone()))
             .await
             .unwrap();
