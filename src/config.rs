@@ -159,7 +159,23 @@ pub struct RunArgs {
     /// What no route allows: refused (enforce), or forwarded without a token and logged
     /// as `report`, to learn the routes an agent needs.
     #[arg(long, env = "EGRESS_PROXY_MODE", value_enum, default_value = "enforce")]
-    pub mode: Mode,
+    pub mode: ModeArg,
+}
+
+/// `--mode` as the command line spells it; the policy's [`Mode`] knows nothing of clap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeArg {
+    Enforce,
+    Report,
+}
+
+impl From<ModeArg> for Mode {
+    fn from(m: ModeArg) -> Mode {
+        match m {
+            ModeArg::Enforce => Mode::Enforce,
+            ModeArg::Report => Mode::Report,
+        }
+    }
 }
 
 /// A checked run configuration.
@@ -283,7 +299,7 @@ impl Config {
             idle_timeout: secs("idle-timeout", args.idle_timeout)?,
             max_connections: args.max_connections,
             max_header_bytes: args.max_header_bytes,
-            mode: args.mode,
+            mode: args.mode.into(),
         })
     }
 }

@@ -31,7 +31,7 @@ pub enum Channel {
 
 /// What the proxy does with what no route allows (`--mode`). Fixed at start: a reload
 /// does not change it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// Refuse it (403).
     Enforce,
