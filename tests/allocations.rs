@@ -210,7 +210,8 @@ fn the_limits_step_allocates_nothing_for_an_admitted_request() {
         let decision =
             decide(&routes, &authority, Channel::Tunnel, Mode::Enforce, view).expect("allowed");
         let route = decision.route().expect("a route matched");
-        let (allocations, admitted) = allocations_in(|| admit(route, view, 1000));
+        let (allocations, admitted) =
+            allocations_in(|| admit(route, view, 1000, std::time::Instant::now()));
         assert!(admitted.is_ok(), "{host}: {admitted:?}");
         assert_eq!(allocations, 0, "{host}: {allocations} allocations");
     }

@@ -8,6 +8,8 @@
 //! rules, then the routes. Report mode relaxes only the last step, and only what the
 //! routes refuse: everything before it refuses as in enforce mode.
 
+use std::time::Instant;
+
 use http::header::{CONNECTION, HOST, UPGRADE};
 use http::{HeaderMap, HeaderName, Method, Uri, Version};
 
@@ -372,11 +374,17 @@ fn upgrade_requested(req: RequestView<'_>) -> Result<bool, ProxyError> {
 /// its own after [`decide`], for every request a route matched whatever else is relaxed; a
 /// request no route matched has no limits. A token is spent here, after every check that
 /// could refuse the request (a refused request spends nothing) and before anything
-/// upstream is touched, even if the body then turns out too large. A route without limits
-/// pays two `Option` checks: no clock read, no atomic.
-pub fn admit(route: &Route, req: RequestView<'_>, declared: u64) -> Result<(), ProxyError> {
+/// upstream is touched, even if the body then turns out too large. `now` is when the
+/// request arrived (the caller's clock, so this stays a function of its arguments and the
+/// bucket); a route without limits costs no more than a look at its two limits.
+pub fn admit(
+    route: &Route,
+    req: RequestView<'_>,
+    declared: u64,
+    now: Instant,
+) -> Result<(), ProxyError> {
     if let Some(limit) = &route.rate_limit
-        && let Err(wait) = limit.bucket.take()
+        && let Err(wait) = limit.bucket.take(now)
     {
         let retry_after = crate::routes::retry_after_secs(wait);
         return Err(err(

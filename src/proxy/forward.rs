@@ -160,7 +160,7 @@ async fn process(
             // route matched, in both modes. A refusal with a body still unread closes an
             // HTTP/1.1 connection: the rest of that body is not a next request.
             let declared = req.body().size_hint().lower();
-            if let Err(e) = policy::admit(allowed.route, view, declared) {
+            if let Err(e) = policy::admit(allowed.route, view, declared, started) {
                 return record.refused(&e, h1 && !req.body().is_end_stream());
             }
             Grant {

@@ -219,10 +219,10 @@ impl Bucket {
         }
     }
 
-    /// Takes a token now; when the bucket is empty, how long until the next one.
-    pub(crate) fn take(&self) -> Result<(), Duration> {
-        let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.take_at(now)
+    /// Takes a token at `now`; when the bucket is empty, how long until the next one.
+    pub(crate) fn take(&self, now: Instant) -> Result<(), Duration> {
+        let since = now.saturating_duration_since(self.epoch);
+        self.take_at(u64::try_from(since.as_nanos()).unwrap_or(u64::MAX))
     }
 
     /// [`Bucket::take`] at `now` nanoseconds after the bucket was made.

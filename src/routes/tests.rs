@@ -356,7 +356,15 @@ fn a_reload_keeps_the_bucket_of_a_route_that_matches_the_same_requests() {
         "routes:\n  - host: a.example\n    path_allowlist: [/x, /y]\n    methods: [GET, POST]\n    rate_limit: 1/h\n  - host: b.example\n    rate_limit: 1/h\n  - host: c.example\n    rate_limit: 1/h\n",
     );
     for route in old.routes() {
-        assert!(route.rate_limit.as_ref().unwrap().bucket.take().is_ok());
+        assert!(
+            route
+                .rate_limit
+                .as_ref()
+                .unwrap()
+                .bucket
+                .take(std::time::Instant::now())
+                .is_ok()
+        );
     }
     // Moved, lists reordered, token added, another route changed: a.example keeps its
     // bucket; b.example's limit and c.example's ports changed, and d.example is new.
@@ -369,7 +377,14 @@ fn a_reload_keeps_the_bucket_of_a_route_that_matches_the_same_requests() {
     let spent: Vec<bool> = new
         .routes()
         .iter()
-        .map(|r| r.rate_limit.as_ref().unwrap().bucket.take().is_err())
+        .map(|r| {
+            r.rate_limit
+                .as_ref()
+                .unwrap()
+                .bucket
+                .take(std::time::Instant::now())
+                .is_err()
+        })
         .collect();
     assert_eq!(spent, [false, false, false, true]);
     // A path or a method more is another route: a full bucket.
@@ -382,7 +397,7 @@ fn a_reload_keeps_the_bucket_of_a_route_that_matches_the_same_requests() {
         let mut t = table(changed);
         t.keep_buckets_from(&old);
         let bucket = &t.routes()[0].rate_limit.as_ref().unwrap().bucket;
-        assert!(bucket.take().is_ok(), "{changed}");
+        assert!(bucket.take(std::time::Instant::now()).is_ok(), "{changed}");
     }
 }
 
