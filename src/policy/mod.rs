@@ -76,6 +76,34 @@ impl Decision<'_, '_> {
             Decision::Report(r) => r.path,
         }
     }
+
+    /// The audit event's `decision`, and its `reason`: none for an allowed request, what
+    /// enforce mode would have refused with for a reported one.
+    pub fn logged_as(&self) -> (&'static str, Option<&'static str>) {
+        match self {
+            Decision::Allow(_) => ("allow", None),
+            Decision::Report(r) => ("report", Some(r.would_refuse.code())),
+        }
+    }
+
+    /// May it be dialled at a private address? Only under a route that says so; a
+    /// reported request is checked as under a route without `allow_private`.
+    pub fn allow_private(&self) -> bool {
+        self.route().is_some_and(|r| r.allow_private)
+    }
+
+    /// The body cap it streams under: its route's `max_body_bytes`; none without a route.
+    pub fn body_cap(&self) -> Option<u64> {
+        self.route().and_then(|r| r.max_body_bytes)
+    }
+
+    /// A WebSocket upgrade to relay.
+    pub fn websocket(&self) -> bool {
+        match self {
+            Decision::Allow(a) => a.websocket,
+            Decision::Report(r) => r.websocket,
+        }
+    }
 }
 
 /// A request no route allows, forwarded in report mode. It has no route, so nothing here

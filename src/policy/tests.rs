@@ -701,3 +701,37 @@ fn the_matched_routes_limits() {
         Err(ErrorKind::RateLimited { .. })
     ));
 }
+
+#[test]
+fn what_a_decision_carries_comes_from_its_route_and_never_to_a_reported_request() {
+    let t = RouteTable::from_text(
+        "routes:\n  - host: api.example.com\n    path_allowlist: [/in]\n    allow_private: true\n    max_body_bytes: 100\n",
+        &Env,
+    )
+    .unwrap();
+    let headers = HeaderMap::new();
+    let decide_path = |path: &str| {
+        let uri: Uri = path.parse().unwrap();
+        let view = RequestView {
+            method: &Method::POST,
+            uri: &uri,
+            version: Version::HTTP_2,
+            headers: &headers,
+        };
+        let d = decide(&t, &tunnel(), Channel::Tunnel, Mode::Report, view).unwrap();
+        (
+            d.logged_as(),
+            d.allow_private(),
+            d.body_cap(),
+            d.websocket(),
+        )
+    };
+    assert_eq!(
+        decide_path("/in"),
+        (("allow", None), true, Some(100), false)
+    );
+    assert_eq!(
+        decide_path("/out"),
+        (("report", Some("path_not_allowed")), false, None, false)
+    );
+}

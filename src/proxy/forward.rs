@@ -153,38 +153,32 @@ async fn process(
         version: req.version(),
         headers: req.headers(),
     };
-    let grant = match policy::decide(&routes, authority, channel, state.mode, view) {
-        Ok(Decision::Allow(allowed)) => {
-            record.route = Some(allowed.route.index);
-            // The matched route's own limits, a step of their own on every request a
-            // route matched, in both modes. A refusal with a body still unread closes an
-            // HTTP/1.1 connection: the rest of that body is not a next request.
-            let declared = req.body().size_hint().lower();
-            if let Err(e) = policy::admit(allowed.route, view, declared, started) {
-                return record.refused(&e, h1 && !req.body().is_end_stream());
-            }
-            Grant {
-                credentials: Credentials::Route(allowed.route.injection.clone()),
-                allow_private: allowed.route.allow_private,
-                websocket: allowed.websocket,
-                body_cap: allowed.route.max_body_bytes,
-            }
-        }
-        // No route: no bucket and no cap; the destination is checked as for a route
-        // without `allow_private`.
-        Ok(Decision::Report(reported)) => {
-            record.decision = "report";
-            record.reason = Some(reported.would_refuse.code());
-            Grant {
-                credentials: Credentials::Reported(reported.credential_headers),
-                allow_private: false,
-                websocket: reported.websocket,
-                body_cap: None,
-            }
-        }
+    let decision = match policy::decide(&routes, authority, channel, state.mode, view) {
+        Ok(decision) => decision,
         Err(e) => {
             return record.refused(&e, h1 && e.kind == ErrorKind::BadRequest);
         }
+    };
+    (record.decision, record.reason) = decision.logged_as();
+    record.route = decision.route().map(|r| r.index);
+    // The matched route's own limits, a step of their own on every request a route
+    // matched, in both modes; a request no route matched has none. A refusal with a body
+    // still unread closes an HTTP/1.1 connection: the rest of that body is not a next
+    // request.
+    if let Some(route) = decision.route() {
+        let declared = req.body().size_hint().lower();
+        if let Err(e) = policy::admit(route, view, declared, started) {
+            return record.refused(&e, h1 && !req.body().is_end_stream());
+        }
+    }
+    let grant = Grant {
+        allow_private: decision.allow_private(),
+        websocket: decision.websocket(),
+        body_cap: decision.body_cap(),
+        credentials: match decision {
+            Decision::Allow(allowed) => Credentials::Route(allowed.route.injection.clone()),
+            Decision::Report(reported) => Credentials::Reported(reported.credential_headers),
+        },
     };
     drop(routes);
 
