@@ -50,5 +50,5 @@ pub use reload::load_routes;
 pub use routes::{
     Host, HostPattern, OneSecret, PathPattern, RouteTable, SecretSource, check_request_path,
 };
-pub use suggest::Suggester;
+pub use suggest::{Suggester, suggest_routes};
 pub use sys::harden_process;

@@ -1,11 +1,9 @@
 //! The `egress-proxy` command: parse the command line, build the configuration, run.
 
-use std::io::{BufRead, Read, Write};
-use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
-use egress_proxy::{BottleCa, CaCommand, Cli, Command, Config, RoutesCommand, RunArgs, Suggester};
+use egress_proxy::{BottleCa, CaCommand, Cli, Command, Config, RoutesCommand, RunArgs};
 
 /// mimalloc (built with `no_thp`): cheaper per-request allocations than glibc malloc
 /// without transparent huge pages inflating an idle sidecar. README, "Build and runtime
@@ -35,7 +33,7 @@ fn main() -> ExitCode {
             routes,
             max_literal,
             logs,
-        })) => suggest(routes.as_deref(), max_literal, &logs),
+        })) => egress_proxy::suggest_routes(routes.as_deref(), max_literal, &logs),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -44,57 +42,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// `routes suggest`: open what was named, hand it to [`Suggester`], print its draft.
-fn suggest(routes: Option<&Path>, max_literal: usize, logs: &[PathBuf]) -> Result<(), String> {
-    let mut suggester = Suggester::new(max_literal);
-    if let Some(path) = routes {
-        // A routes file is small; one that is not is refused rather than read whole.
-        const MAX_ROUTES_BYTES: u64 = 16 << 20;
-        let mut text = String::new();
-        std::fs::File::open(path)
-            .and_then(|f| f.take(MAX_ROUTES_BYTES + 1).read_to_string(&mut text))
-            .map_err(|e| format!("--routes {}: {e}", path.display()))?;
-        if text.len() as u64 > MAX_ROUTES_BYTES {
-            return Err(format!("--routes {}: larger than 16 MiB", path.display()));
-        }
-        suggester = suggester.with_routes(&path.display().to_string(), &text)?;
-    }
-    let stdin_only = [PathBuf::from("-")];
-    let logs = if logs.is_empty() {
-        &stdin_only[..]
-    } else {
-        logs
-    };
-    let stderr = std::io::stderr();
-    let mut warn = |line: &str| {
-        let _ = writeln!(stderr.lock(), "{line}");
-    };
-    for log in logs {
-        // The file's name goes before `line N` only when there are several to tell apart.
-        let name = (logs.len() > 1).then(|| match log.to_str() {
-            Some("-") => "stdin".to_owned(),
-            _ => log.display().to_string(),
-        });
-        let mut reader: Box<dyn BufRead> = if log.as_os_str() == "-" {
-            Box::new(std::io::stdin().lock())
-        } else {
-            let file = std::fs::File::open(log).map_err(|e| format!("{}: {e}", log.display()))?;
-            Box::new(std::io::BufReader::with_capacity(64 << 10, file))
-        };
-        suggester
-            .read(name.as_deref(), &mut reader, &mut warn)
-            .map_err(|e| format!("{}: {e}", log.display()))?;
-    }
-    let (yaml, notes) = suggester.finish();
-    for note in notes {
-        warn(&note);
-    }
-    std::io::stdout()
-        .lock()
-        .write_all(yaml.as_bytes())
-        .map_err(|e| format!("writing the routes: {e}"))
 }
 
 fn run(args: RunArgs) -> Result<(), String> {

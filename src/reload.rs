@@ -78,10 +78,16 @@ pub fn load_routes(path: &Path) -> Result<RouteTable, String> {
     load_routes_with_bytes(path).map(|(table, _)| table)
 }
 
+/// A routes file's text, bounded in size, or one line naming it and what failed (for a
+/// permission problem, its owner and mode).
+pub(crate) fn read_routes_text(path: &Path) -> Result<String, String> {
+    read_limited(path).map_err(|e| describe_read_error(path, &e))
+}
+
 /// [`load_routes`], and the bytes the table was parsed from (one read of the file), so a
 /// later change is measured against exactly what is in force.
 fn load_routes_with_bytes(path: &Path) -> Result<(RouteTable, Vec<u8>), String> {
-    let text = read_limited(path).map_err(|e| describe_read_error(path, &e))?;
+    let text = read_routes_text(path)?;
     let table = RouteTable::from_text(&text, &ProcessSecrets)
         .map_err(|e| format!("{}: {e}", path.display()))?;
     Ok((table, text.into_bytes()))

@@ -297,7 +297,7 @@ pub struct Route {
 }
 
 impl Route {
-    fn covers(&self, host: &Host, port: u16) -> bool {
+    pub(crate) fn covers(&self, host: &Host, port: u16) -> bool {
         self.ports.contains(&port) && self.host.matches(host)
     }
 

@@ -6,11 +6,14 @@
 //! ([`generalise`]) into patterns grouped by the methods used on them; the result is
 //! written as YAML by hand ([`render`]), sorted, so the same log gives the same bytes.
 //!
-//! Pure but for the reader it is handed: the command line opens the files and prints.
+//! Pure but for the reader it is handed: [`run`] opens the files and prints.
 
 mod generalise;
 mod input;
 mod render;
+mod run;
+
+pub use run::suggest_routes;
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead};
@@ -239,7 +242,7 @@ impl Suggester {
         e.table
             .routes()
             .iter()
-            .find(|r| r.injection.is_some() && r.ports.contains(&port) && r.host.matches(&h))
+            .find(|r| r.injection.is_some() && r.covers(&h, port))
             .map(|r| r.index)
     }
 }
