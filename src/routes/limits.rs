@@ -142,12 +142,22 @@ impl RateLimit {
                 return Err(RateError::Rate(format!("{text:?}: the unit is s, m or h")));
             }
         };
-        // Digits only: `u32::from_str` would take a leading `+`.
+        if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(RateError::Rate(format!(
+                "{text:?}: N is a positive integer"
+            )));
+        }
         let requests = match n.parse::<u32>() {
-            Ok(n) if n > 0 && !text.trim().starts_with('+') => n,
-            _ => {
+            Ok(0) => {
                 return Err(RateError::Rate(format!(
                     "{text:?}: N is a positive integer"
+                )));
+            }
+            Ok(n) => n,
+            Err(_) => {
+                return Err(RateError::Rate(format!(
+                    "{text:?}: N is larger than {}",
+                    u32::MAX
                 )));
             }
         };
@@ -289,6 +299,9 @@ mod tests {
                 "{bad:?} was accepted"
             );
         }
+        assert!(
+            matches!(limit("99999999999/s", None), Err(RateError::Rate(m)) if m.contains("larger than"))
+        );
         for bad in [0, -3, 1 << 40] {
             assert!(
                 matches!(limit("5/s", Some(bad)), Err(RateError::Burst(_))),
