@@ -336,22 +336,14 @@ async fn a_session_drafted_into_routes_runs_again_and_nothing_more() {
             .iter()
             .all(|s| *s == 200)
     );
-    // Each request's line is written once its response is sent: wait for all of them,
-    // generously, as a loaded machine may be slow to.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let logs = loop {
-        let logs = first.logs();
-        let lines = logs.matches("\"event\":\"request\"").count();
-        if lines >= session.len() || std::time::Instant::now() > deadline {
-            break logs;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
+    let reported = first
+        .await_lines(session.len(), |l| {
+            l.contains("\"event\":\"request\"") && l.contains("\"decision\":\"report\"")
+        })
+        .await;
+    assert_eq!(reported.len(), session.len(), "{}", first.logs());
+    let logs = first.logs();
     drop(first);
-    let reported = logs
-        .lines()
-        .filter(|l| l.contains("\"event\":\"request\"") && l.contains("\"decision\":\"report\""));
-    assert_eq!(reported.count(), session.len(), "{logs}");
 
     let (code, draft, err) = run(&["routes", "suggest"], logs.as_bytes(), &[]);
     assert_eq!(code, 0, "{err}");

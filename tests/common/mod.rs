@@ -690,6 +690,24 @@ impl Proxy {
 
     /// The logs once they contain `needle` (the audit line of a request is written when
     /// its response has been sent, a moment after the client has read it), or after 3 s.
+    /// The log's lines that `keep` selects, once there are `n` of them (or after 10 s): a
+    /// request's line is written when its answer has been sent, after the client has it.
+    pub(crate) async fn await_lines(&self, n: usize, keep: impl Fn(&str) -> bool) -> Vec<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let lines: Vec<String> = self
+                .logs()
+                .lines()
+                .filter(|l| keep(l))
+                .map(str::to_owned)
+                .collect();
+            if lines.len() >= n || std::time::Instant::now() > deadline {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     pub(crate) fn logs_with(&self, needle: &str) -> String {
         let deadline = std::time::Instant::now() + Duration::from_secs(3);
         loop {
