@@ -94,8 +94,15 @@ def main():
     def added_latency(name):
         if not lat or name not in lat:
             return NOT_MEASURED
-        return (f"+{lat[name]['p50_ms'] - lat['direct']['p50_ms']:.2f} ms / "
-                f"+{lat[name]['p99_ms'] - lat['direct']['p99_ms']:.2f} ms")
+
+        def added(q):
+            through, direct = lat[name][q], lat["direct"][q]
+            if through >= direct:
+                return f"+{through - direct:.2f} ms"
+            # A direct run's stall can make its percentile the larger: no figure to
+            # subtract, so both are shown.
+            return f"none measurable ({through:.2f} ms through it, {direct:.2f} ms direct)"
+        return f"{added('p50_ms')} / {added('p99_ms')}"
 
     egress_idle_anon = idle["egress"].get("anon_kib_per_connection")
     other = [
