@@ -486,6 +486,8 @@ pub(crate) struct ProxyBuilder {
     env: Vec<(String, String)>,
     ca_dir: Option<PathBuf>,
     open_files: Option<(u64, u64)>,
+    /// Upstream CA certificates (PEM) to trust, written into the proxy's own directory.
+    upstream_cas: Vec<String>,
 }
 
 impl ProxyBuilder {
@@ -498,6 +500,7 @@ impl ProxyBuilder {
             env: Vec::new(),
             ca_dir: None,
             open_files: None,
+            upstream_cas: Vec::new(),
         }
     }
 
@@ -539,12 +542,7 @@ impl ProxyBuilder {
 
     /// Trusts `ca` upstream and pins each `host` to 127.0.0.1 at `port`.
     pub(crate) fn upstream(mut self, ca: &TestCa, hosts: &[(&str, u16)]) -> Self {
-        let dir = std::env::temp_dir().join(format!("egress-proxy-test-ca-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(format!("{:x}.pem", fxhash(&ca.pem)));
-        std::fs::write(&path, &ca.pem).unwrap();
-        self.args.push("--upstream-ca".into());
-        self.args.push(path.display().to_string());
+        self.upstream_cas.push(ca.pem.clone());
         for (h, p) in hosts {
             self.args.push("--resolve".into());
             self.args.push(format!("{h}:{p}:127.0.0.1"));
@@ -575,6 +573,12 @@ impl ProxyBuilder {
         let port = if self.self_proxy { free_port() } else { 0 };
         let ca_dir = self.ca_dir.clone().unwrap_or_else(|| dir.path().join("ca"));
         let mut cmd = Command::new(BIN);
+        // In the proxy's own directory, gone with it.
+        for (i, pem) in self.upstream_cas.iter().enumerate() {
+            let path = dir.path().join(format!("upstream-ca-{i}.pem"));
+            std::fs::write(&path, pem).unwrap();
+            cmd.arg("--upstream-ca").arg(path);
+        }
         cmd.arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--admin")
@@ -671,12 +675,6 @@ fn bound_addr(log: &str, key: &str) -> Option<SocketAddr> {
         .find(|c: char| c == '"' || c.is_whitespace())
         .unwrap_or(after.len());
     after[..end].parse().ok()
-}
-
-fn fxhash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100000001b3)
-    })
 }
 
 impl Proxy {
