@@ -53,8 +53,9 @@ fn is_uuid(b: &[u8]) -> bool {
 }
 
 fn is_token(segment: &str) -> bool {
+    // Escapes (`%2B`, `%3D`: base64's `+` and `=`, encoded) do not end a run.
     let mixed_run = segment
-        .split(|c: char| !c.is_ascii_alphanumeric())
+        .split(|c: char| !c.is_ascii_alphanumeric() && c != '%')
         .any(|run| {
             run.len() >= 16
                 && run.bytes().any(|c| c.is_ascii_digit())
@@ -120,10 +121,10 @@ fn shape_of(path: &str) -> Option<Shape> {
             break;
         }
     }
-    // Wildcards alone before a `**` (`/*/**`, from `/123/`) would allow nearly every path
-    // on the host: this path is kept literally instead, a segment prefix of its own.
-    let tailed = segs.last() == Some(&Seg::Tail) || (slash && segs.contains(&Seg::One));
-    if tailed && !segs.iter().any(|s| matches!(s, Seg::Lit(_))) {
+    // Wildcards alone (`/*/*`, from `/1/2`; `/*/**`, from `/123/`) would allow any path of
+    // their shape on the host, and a few of them every path: such a path is kept
+    // literally instead, a segment prefix of its own.
+    if !segs.iter().any(|s| matches!(s, Seg::Lit(_))) {
         if raw.iter().any(|s| s.contains('*')) {
             return None;
         }
@@ -196,6 +197,10 @@ fn is_open(p: &[Seg]) -> bool {
 /// A pattern can only be covered by one whose segments lead to it in a prefix tree of
 /// them all (literally, or through a `*` over a literal), so each is checked by a walk
 /// down that tree rather than against every other pattern.
+///
+/// A walk can branch at each literal (its own child and a `*` child), so each pattern's
+/// walk has a budget of nodes; one whose walk runs out is kept. A kept pattern another
+/// covers is only redundant, never wider.
 fn without_covered(patterns: BTreeSet<Pattern>) -> Vec<Pattern> {
     let mut tree = CoverNode::default();
     let mut kept: Vec<(Pattern, bool)> = Vec::new();
@@ -213,11 +218,15 @@ fn without_covered(patterns: BTreeSet<Pattern>) -> Vec<Pattern> {
     kept.into_iter()
         .filter(|(p, open)| {
             let core = &p[..p.len() - usize::from(p.last() == Some(&Seg::Tail))];
-            !tree.covered(core, *open, true)
+            let mut budget = COVER_WALK_BUDGET;
+            !tree.covered(core, *open, true, &mut budget)
         })
         .map(|(p, _)| p)
         .collect()
 }
+
+/// Nodes one pattern's cover walk may visit.
+const COVER_WALK_BUDGET: usize = 4096;
 
 /// The prefix tree of the patterns' segments (without a final `**`); a node says whether
 /// an open pattern (a literal prefix, or one ending in `**`) or a closed one (whole path,
@@ -241,7 +250,11 @@ impl CoverNode {
     /// Does another pattern in the tree cover the one whose segments are `core`: an open
     /// one ending at a proper prefix of it, or one ending where it ends, reached through a
     /// `*` over one of its literals (`exact` false), or open over it closed?
-    fn covered(&self, core: &[Seg], open: bool, exact: bool) -> bool {
+    fn covered(&self, core: &[Seg], open: bool, exact: bool, budget: &mut usize) -> bool {
+        if *budget == 0 {
+            return false;
+        }
+        *budget -= 1;
         let Some((first, rest)) = core.split_first() else {
             return (self.open && (!open || !exact)) || (self.closed && !open && !exact);
         };
@@ -254,12 +267,12 @@ impl CoverNode {
         };
         self.children
             .get(first)
-            .is_some_and(|n| n.covered(rest, open, exact))
+            .is_some_and(|n| n.covered(rest, open, exact, budget))
             || (literal_under_star
                 && self
                     .children
                     .get(&Seg::One)
-                    .is_some_and(|n| n.covered(rest, open, false)))
+                    .is_some_and(|n| n.covered(rest, open, false, budget)))
     }
 }
 

@@ -29,6 +29,8 @@ use input::{Line, Observed};
 /// them: a log of millions of distinct paths is summarised up to here, not held whole.
 const MAX_DISTINCT: usize = 200_000;
 const MAX_DISTINCT_BYTES: usize = 64 << 20;
+/// And how many path segments in all: the generalisation builds prefix trees of them.
+const MAX_DISTINCT_SEGMENTS: usize = 1_000_000;
 
 /// A routes file given with `--routes`: its routes in file order as written (every key
 /// the file had, through `RouteSpec`'s serde form), and the table that decides what they
@@ -47,6 +49,7 @@ pub struct Suggester {
     seen: BTreeMap<(String, u16), BTreeMap<(String, String), u64>>,
     distinct: usize,
     distinct_bytes: usize,
+    distinct_segments: usize,
     /// Requests dropped because the bound above was reached.
     over_budget: u64,
 }
@@ -61,6 +64,7 @@ impl Suggester {
             seen: BTreeMap::new(),
             distinct: 0,
             distinct_bytes: 0,
+            distinct_segments: 0,
             over_budget: 0,
         }
     }
@@ -130,12 +134,17 @@ impl Suggester {
         }
         // A new host is held only within the same bound as a new path.
         let bytes = host.0.len() + key.0.len() + key.1.len();
-        if self.distinct >= MAX_DISTINCT || self.distinct_bytes + bytes > MAX_DISTINCT_BYTES {
+        let segments = key.1.matches('/').count();
+        if self.distinct >= MAX_DISTINCT
+            || self.distinct_bytes + bytes > MAX_DISTINCT_BYTES
+            || self.distinct_segments + segments > MAX_DISTINCT_SEGMENTS
+        {
             self.over_budget += 1;
             return;
         }
         self.distinct += 1;
         self.distinct_bytes += bytes;
+        self.distinct_segments += segments;
         self.seen.entry(host).or_default().insert(key, 1);
     }
 
@@ -144,7 +153,7 @@ impl Suggester {
         let mut notes = Vec::new();
         if self.over_budget > 0 {
             notes.push(format!(
-                "{} requests not counted: more than {MAX_DISTINCT} distinct requests (or {} MiB of them) in the input",
+                "{} requests not counted: more than {MAX_DISTINCT} distinct requests (or {} MiB, or {MAX_DISTINCT_SEGMENTS} path segments, of them) in the input",
                 self.over_budget,
                 MAX_DISTINCT_BYTES >> 20
             ));

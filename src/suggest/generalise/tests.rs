@@ -25,6 +25,8 @@ fn identifiers_and_names_on_real_shapes() {
         ("claude-sonnet-4-20250514", Word),
         ("widgets.git", Word),
         ("@scope%2fname", Word),
+        // Standard base64 with its `+` and `=` escaped is one run, and a token.
+        ("dGhpc2lzYXNl%2BY3JldGtleQ%3D%3D", Token),
         ("v1", Word),
         ("3.12", Word),
         ("8e", Word),
@@ -180,6 +182,12 @@ fn the_steps_in_order() {
             &[("GET", "/simple/123/")],
             8,
             &[(&["GET"], &["/simple/*/**"])],
+        ),
+        (
+            "wildcards alone would allow any path of their shape: kept literally",
+            &[("GET", "/1/2/3"), ("GET", "/123"), ("GET", "/a/1")],
+            8,
+            &[(&["GET"], &["/1/2/3", "/123", "/a/*"])],
         ),
         (
             "wildcards alone before /** would allow nearly everything: kept literally (one literal is enough)",
@@ -457,4 +465,28 @@ fn many_distinct_paths_are_generalised_in_one_pass() {
     let g = generalise(&seen(&list), 8);
     assert_eq!(g.groups.len(), 1);
     assert_eq!(g.groups[0].patterns.len(), 20_000);
+}
+
+/// Patterns whose cover walks branch at every literal (`1` under `*`, `a` under `a`) are
+/// drafted without the walks growing with every branch: each has a budget, and a pattern
+/// whose walk runs out is kept (redundant at worst, never wider).
+#[test]
+fn branching_cover_walks_are_bounded() {
+    let a = vec!["a"; 30];
+    let mut paths = Vec::new();
+    for k in 0..200 {
+        paths.push(format!("/w{k}/{}", a.join("/")));
+    }
+    for i in 0..30 {
+        for j in i + 1..30 {
+            let mut segs = a.clone();
+            segs[i] = "1";
+            segs[j] = "1";
+            paths.push(format!("/1/{}", segs.join("/")));
+        }
+    }
+    let list: Vec<(&str, &str)> = paths.iter().map(|p| ("GET", p.as_str())).collect();
+    let g = generalise(&seen(&list), 8);
+    assert_eq!(g.groups.len(), 1);
+    assert!(!g.groups[0].patterns.is_empty());
 }
