@@ -25,7 +25,7 @@ pub(crate) struct Moved {
     pub(crate) up: AtomicU64,
     pub(crate) down: AtomicU64,
     pub(crate) cut: OnceLock<String>,
-    /// The agent's body passed its route's `max_body_bytes` ([`Capped`]): the request is
+    /// The agent's body passed its route's `max_body_bytes` ([`Tracked::capped`]): the request is
     /// refused as `body_too_large` even when the refusal can only be a cut.
     pub(crate) over_cap: AtomicBool,
 }
@@ -50,8 +50,8 @@ impl Way {
 
 pin_project! {
     /// Wraps a body: counts its bytes into `moved` (its way's count), fails it after
-    /// `idle` without a frame (noting why in `moved`), and holds `_keep` until the body
-    /// is dropped.
+    /// `idle` without a frame (noting why in `moved`), holds it to a cap if it has one
+    /// ([`Tracked::capped`]), and holds `_keep` until the body is dropped.
     pub struct Tracked<B, K> {
         #[pin]
         inner: B,
@@ -60,6 +60,7 @@ pin_project! {
         idle: Duration,
         moved: Arc<Moved>,
         way: Way,
+        cap: Option<u64>,
         _keep: K,
     }
 }
@@ -72,8 +73,19 @@ impl<B, K> Tracked<B, K> {
             idle,
             moved,
             way,
+            cap: None,
             _keep: keep,
         }
+    }
+
+    /// Holds the body to `cap` bytes (an agent's request body to its route's
+    /// `max_body_bytes`): the frame that would take it past the cap is never handed on;
+    /// the body fails with [`BodyTooLarge`] instead and `moved` notes it, so the upstream
+    /// gets at most the cap's bytes and then a reset request. A body of exactly the cap
+    /// passes.
+    pub(crate) fn capped(mut self, cap: Option<u64>) -> Self {
+        self.cap = cap;
+        self
     }
 }
 
@@ -97,7 +109,21 @@ where
                         Way::Up => &this.moved.up,
                         Way::Down => &this.moved.down,
                     };
-                    count.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    let len = data.len() as u64;
+                    // This body is its way's only counter: what it counted is what passed.
+                    if let Some(max) = *this.cap
+                        && count.load(Ordering::Relaxed).saturating_add(len) > max
+                    {
+                        this.moved.over_cap.store(true, Ordering::Relaxed);
+                        let e: BoxError = Box::new(BodyTooLarge(max));
+                        let whose = this.way.whose();
+                        let _ = this
+                            .moved
+                            .cut
+                            .set(format!("cut: {whose}'s body failed: {e}"));
+                        return Poll::Ready(Some(Err(BodyError(e))));
+                    }
+                    count.fetch_add(len, Ordering::Relaxed);
                 }
                 this.silence.as_mut().reset(Instant::now() + *this.idle);
                 Poll::Ready(Some(Ok(frame)))
@@ -125,71 +151,6 @@ where
                 }
                 Poll::Pending => Poll::Pending,
             },
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-pin_project! {
-    /// An agent's request body held to its route's `max_body_bytes`: the frame that would
-    /// take it past the cap is never handed on; the body fails with [`BodyTooLarge`]
-    /// instead, so the upstream gets at most the cap's bytes of it and then a reset
-    /// request. A body of exactly the cap passes.
-    pub struct Capped<B> {
-        #[pin]
-        inner: B,
-        max: u64,
-        // Bytes still allowed.
-        left: u64,
-        moved: Arc<Moved>,
-    }
-}
-
-impl<B> Capped<B> {
-    pub(crate) fn new(inner: B, max: u64, moved: Arc<Moved>) -> Self {
-        Capped {
-            inner,
-            max,
-            left: max,
-            moved,
-        }
-    }
-}
-
-impl<B> Body for Capped<B>
-where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        match std::task::ready!(this.inner.poll_frame(cx)) {
-            Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref() {
-                    let len = data.len() as u64;
-                    if len > *this.left {
-                        this.moved.over_cap.store(true, Ordering::Relaxed);
-                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge(*this.max)))));
-                    }
-                    *this.left -= len;
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
-            None => Poll::Ready(None),
         }
     }
 
@@ -320,27 +281,31 @@ mod tests {
             StreamBody::new(futures_util::stream::iter(frames))
         };
         // Exactly the cap, over several frames, trailers included: all of it.
+        let capped = |sizes: &[usize], moved: &Arc<Moved>| {
+            let idle = Duration::from_secs(60);
+            Tracked::new(frames(sizes), idle, moved.clone(), Way::Up, ()).capped(Some(10))
+        };
         let moved = Arc::new(Moved::default());
-        let whole = Capped::new(frames(&[4, 0, 6]), 10, moved.clone())
-            .collect()
-            .await
-            .unwrap();
+        let whole = capped(&[4, 0, 6], &moved).collect().await.unwrap();
         assert_eq!(whole.to_bytes().len(), 10);
         assert!(!moved.over_cap.load(Ordering::Relaxed));
         // One byte over, in the last frame: what came before it, then the error.
-        let mut body = Box::pin(Capped::new(frames(&[4, 7]), 10, moved.clone()));
+        let moved = Arc::new(Moved::default());
+        let mut body = Box::pin(capped(&[4, 7], &moved));
         let first = body.as_mut().frame().await.unwrap().unwrap();
         assert_eq!(first.into_data().unwrap().len(), 4);
         let e = body.as_mut().frame().await.unwrap().unwrap_err();
-        assert!(e.downcast_ref::<BodyTooLarge>().is_some(), "{e}");
+        assert!(e.0.downcast_ref::<BodyTooLarge>().is_some(), "{e}");
         assert!(moved.over_cap.load(Ordering::Relaxed));
         assert_eq!(
             e.to_string(),
             "the request body is over the route's max_body_bytes (10)"
         );
         // One frame over the cap on its own: nothing of it.
-        let mut body = Box::pin(Capped::new(frames(&[11]), 10, Arc::default()));
+        let moved = Arc::new(Moved::default());
+        let mut body = Box::pin(capped(&[11], &moved));
         assert!(body.as_mut().frame().await.unwrap().is_err());
+        assert_eq!(moved.up.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]

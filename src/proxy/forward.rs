@@ -18,7 +18,7 @@ use hyper::body::{Body, Incoming};
 use hyper_util::rt::TokioIo;
 
 use super::ClientConn;
-use super::body::{Capped, Moved, RecordSized, Tracked, Way};
+use super::body::{Moved, RecordSized, Tracked, Way};
 use super::framing::HeadLog;
 use super::headers::{
     AgentTrailersStripped, Credentials, rewrite_request_headers, rewrite_response_headers,
@@ -210,18 +210,9 @@ async fn process(
         credentials: grant.credentials,
         hop_by_hop,
     };
-    let moved = record.moved.clone();
-    let upstream_body = match grant.body_cap {
-        None => Tracked::new(body, body_idle, moved, Way::Up, ()).boxed_unsync(),
-        Some(max) => Tracked::new(
-            Capped::new(body, max, moved.clone()),
-            body_idle,
-            moved,
-            Way::Up,
-            (),
-        )
-        .boxed_unsync(),
-    };
+    let upstream_body = Tracked::new(body, body_idle, record.moved.clone(), Way::Up, ())
+        .capped(grant.body_cap)
+        .boxed_unsync();
     let upstream_req = Request::from_parts(parts, upstream_body);
 
     let sent = match agent_upgrade {
