@@ -470,6 +470,20 @@ async fn a_declared_body_over_the_cap_is_413_before_anything_is_sent() {
     );
 }
 
+/// A recording upstream speaking `alpn`, behind a proxy whose one route for it has
+/// `max_body_bytes: cap`.
+async fn capped_at(cap: usize, alpn: &[&[u8]]) -> (Recorder, Proxy) {
+    let ca = TestCa::new("ca");
+    let up = Recorder::start(&ca, alpn).await;
+    let port = up.port;
+    let proxy = proxy_for(
+        &ca,
+        &up,
+        &format!("routes:\n  - host: api.test\n    ports: [{port}]\n    max_body_bytes: {cap}\n"),
+    );
+    (up, proxy)
+}
+
 /// A body of unknown length (chunked over HTTP/1.1, no `content-length` over HTTP/2)
 /// that passes the cap: the upstream request is reset having received at most the cap,
 /// and the agent gets the 413 (its HTTP/1.1 connection closed). Exactly the cap passes.
@@ -478,16 +492,8 @@ async fn a_declared_body_over_the_cap_is_413_before_anything_is_sent() {
 async fn a_streamed_body_over_the_cap_is_cut_and_413() {
     const CAP: usize = 1000;
     for upstream_alpn in [H1, H2] {
-        let ca = TestCa::new("ca");
-        let up = Recorder::start(&ca, upstream_alpn).await;
+        let (up, proxy) = capped_at(CAP, upstream_alpn).await;
         let port = up.port;
-        let proxy = proxy_for(
-            &ca,
-            &up,
-            &format!(
-                "routes:\n  - host: api.test\n    ports: [{port}]\n    max_body_bytes: {CAP}\n"
-            ),
-        );
         let authority = format!("api.test:{port}");
         let ctx = format!("upstream {}", String::from_utf8_lossy(upstream_alpn[0]));
 
@@ -570,16 +576,8 @@ async fn a_streamed_body_over_the_cap_is_cut_and_413() {
 async fn a_body_over_the_cap_after_the_answer_began_is_a_cut() {
     const CAP: usize = 1000;
     for upstream_alpn in [H1, H2] {
-        let ca = TestCa::new("ca");
-        let up = Recorder::start(&ca, upstream_alpn).await;
+        let (up, proxy) = capped_at(CAP, upstream_alpn).await;
         let port = up.port;
-        let proxy = proxy_for(
-            &ca,
-            &up,
-            &format!(
-                "routes:\n  - host: api.test\n    ports: [{port}]\n    max_body_bytes: {CAP}\n"
-            ),
-        );
         let authority = format!("api.test:{port}");
         let ctx = format!("upstream {}", String::from_utf8_lossy(upstream_alpn[0]));
         for agent_alpn in [H1, H2] {
