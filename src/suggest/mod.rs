@@ -168,7 +168,7 @@ impl Suggester {
             ),
         );
         let n_existing = self.existing.as_ref().map_or(0, |e| e.fields.len());
-        let n_new: usize = new_routes.iter().map(|(_, _, g)| g.groups.len()).sum();
+        let n_new: usize = new_routes.iter().map(|r| r.generalised.groups.len()).sum();
         out.push_str(if n_existing + n_new == 0 {
             "routes: []\n"
         } else {
@@ -183,8 +183,14 @@ impl Suggester {
             }
         }
         let mut left_out = Vec::new();
-        for (host, port, g) in &new_routes {
-            let token_route = self.token_route(host, *port);
+        for NewRoutes {
+            host,
+            parsed,
+            port,
+            generalised: g,
+        } in &new_routes
+        {
+            let token_route = parsed.as_ref().and_then(|h| self.token_route(h, *port));
             for group in &g.groups {
                 write_route(&mut out, host, *port, group, token_route);
             }
@@ -213,7 +219,7 @@ impl Suggester {
 
     /// How many requests were counted, and what the `--routes` file does not already
     /// allow, generalised, per host and port.
-    fn new_routes(&self) -> (u64, Vec<(&str, u16, Generalised)>) {
+    fn new_routes(&self) -> (u64, Vec<NewRoutes<'_>>) {
         let mut total = 0;
         let mut out = Vec::new();
         for ((host, port), by_path) in &self.seen {
@@ -238,22 +244,35 @@ impl Suggester {
                 }
             }
             if !fresh.is_empty() {
-                out.push((host.as_str(), *port, generalise(&fresh, self.max_literal)));
+                out.push(NewRoutes {
+                    host,
+                    parsed,
+                    port: *port,
+                    generalised: generalise(&fresh, self.max_literal),
+                });
             }
         }
         (total, out)
     }
 
     /// The first `--routes` route that injects a token for this host and port.
-    fn token_route(&self, host: &str, port: u16) -> Option<usize> {
+    fn token_route(&self, host: &Host, port: u16) -> Option<usize> {
         let e = self.existing.as_ref()?;
-        let h = Host::parse(host).ok()?;
         e.table
             .routes()
             .iter()
-            .find(|r| r.injection.is_some() && r.covers(&h, port))
+            .find(|r| r.injection.is_some() && r.covers(host, port))
             .map(|r| r.index)
     }
+}
+
+/// What one host and port saw that the `--routes` file does not allow, generalised.
+struct NewRoutes<'a> {
+    host: &'a str,
+    /// The host as routes match it, parsed once (every logged host parsed on input).
+    parsed: Option<Host>,
+    port: u16,
+    generalised: Generalised,
 }
 
 /// One new route: its comments, then its keys.
