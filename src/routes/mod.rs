@@ -314,14 +314,12 @@ impl Route {
     /// Does `self` match exactly the requests `other` matches, under the same rate
     /// limit? Then a reload keeps `other`'s bucket for it (SPEC §3, `rate_limit`).
     fn same_bucket_as(&self, other: &Route) -> bool {
-        let same_set = |a: &[PathPattern], b: &[PathPattern]| {
-            a.iter().all(|p| b.contains(p)) && b.iter().all(|p| a.contains(p))
-        };
+        fn same_set<T: PartialEq>(a: &[T], b: &[T]) -> bool {
+            a.iter().all(|x| b.contains(x)) && b.iter().all(|x| a.contains(x))
+        }
         let same_methods = match (&self.methods, &other.methods) {
             (None, None) => true,
-            (Some(a), Some(b)) => {
-                a.iter().all(|m| b.contains(m)) && b.iter().all(|m| a.contains(m))
-            }
+            (Some(a), Some(b)) => same_set(a, b),
             _ => false,
         };
         let same_rate = match (&self.rate_limit, &other.rate_limit) {
